@@ -1,0 +1,32 @@
+"""riftlab: Robust Critical Fine-Tuning (RiFT, ICCV 2023), step by step.
+
+The four steps, each usable alone::
+
+    from riftlab import (load_dataset, build_model, Batches, adversarial_train, adversarial_set,
+                         module_robust_criticality, finetune_module, interpolation_curve, select_alpha,
+                         interpolate, evaluate, pgd)
+
+Images are always float tensors in [0, 1] shaped (N, C, H, W); models normalise internally, so
+attack budgets (eps, step) are in pixel units.
+"""
+
+__version__ = "0.1.0"
+
+from .attacks import pgd
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .criticality import adversarial_set, module_robust_criticality
+from .data import Batches, DataSplits, DatasetNotFoundError, ImageSet, dataset_info, list_datasets, load_dataset, make_synthetic
+from .evaluation import accuracy, evaluate
+from .finetune import FinetuneResult, finetune_module
+from .interpolation import interpolate, interpolation_curve, select_alpha
+from .models import build_model, list_models, weight_modules
+from .pipeline import PROFILES, RiftConfig, run_rift
+from .training import TrainResult, adversarial_train
+
+__all__ = [
+    "pgd", "CheckpointError", "load_checkpoint", "save_checkpoint", "adversarial_set", "module_robust_criticality",
+    "Batches", "DataSplits", "DatasetNotFoundError", "ImageSet", "dataset_info", "list_datasets", "load_dataset",
+    "make_synthetic", "accuracy", "evaluate", "FinetuneResult", "finetune_module", "interpolate", "interpolation_curve",
+    "select_alpha", "build_model", "list_models", "weight_modules", "PROFILES", "RiftConfig", "run_rift",
+    "TrainResult", "adversarial_train",
+]

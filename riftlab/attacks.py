@@ -1,0 +1,74 @@
+"""The l_inf PGD attack (Madry et al.), with BatchNorm in eval mode while attacking."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["pgd", "eval_mode"]
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode for the block and restore each submodule's mode afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def pgd(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    alpha: float,
+    steps: int,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Projected gradient descent under an l_inf budget, maximising the cross-entropy.
+
+    BatchNorm runs in eval mode during the attack (its statistics are not updated by adversarial
+    batches, and each example is attacked independently of its batch mates). Only the gradient
+    with respect to the input is computed: weights get no ``.grad``.
+
+    Args:
+        model: maps images in [0, 1], shaped (N, C, H, W), to logits (N, K).
+        x: clean images in [0, 1], (N, C, H, W).
+        y: labels, (N,).
+        eps: l_inf radius in pixel units (8/255 for CIFAR).
+        alpha: step size in pixel units (2/255 for CIFAR).
+        steps: number of gradient steps (0 returns the start point).
+        random_start: start from a uniform point in the eps ball, as in PGD-AT.
+        generator: random source for the start point (for reproducible attacks).
+
+    Returns:
+        Adversarial images, detached, with ``|x_adv - x| <= eps`` and values in [0, 1].
+    """
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"eps, alpha and steps must be non-negative (got eps={eps}, alpha={alpha}, steps={steps})")
+    x = x.detach()
+    if random_start and eps > 0:
+        noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
+        x_adv = (x + noise).clamp_(0, 1)
+    else:
+        x_adv = x.clone()
+    if eps == 0 or steps == 0:
+        return x_adv
+    with eval_mode(model):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            (grad,) = torch.autograd.grad(loss, x_adv)
+            with torch.no_grad():
+                x_adv = x_adv.detach() + alpha * grad.sign()
+                x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()

@@ -1,0 +1,96 @@
+"""Checkpoints: atomic writes, safe loads, and the reference code's formats."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "extract_state_dict", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unsafe, unreadable or for another model."""
+
+
+def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` with ``torch.save`` atomically: temporary file, fsync, rename.
+
+    A crash mid-write leaves the previous checkpoint intact, never a truncated file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(dict(payload), fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain containers, "
+            f"which could run code when unpickled ({str(err).splitlines()[0]}). "
+            "Re-save it as a state dict (torch.save(model.state_dict(), path)) from a trusted source."
+        ) from None
+    except (RuntimeError, EOFError) as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+
+
+def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint in any of the reference formats.
+
+    Accepts a bare state dict or one stored under ``net``, ``state_dict``, ``model`` or
+    ``model_state`` (riftlab's own), with or without the ``module.`` prefix that
+    ``DataParallel`` / ``DistributedDataParallel`` add.
+    """
+    if isinstance(obj, Mapping):
+        for key in ("model_state", "state_dict", "net", "model"):
+            if key in obj and isinstance(obj[key], Mapping):
+                return extract_state_dict(obj[key])
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    raise CheckpointError("no state dict found: expected a dict of tensors, possibly under 'net', 'state_dict' or 'model'")
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load weights from ``path`` into ``model`` (in place) and return the checkpoint's metadata.
+
+    Every tensor must match by name and shape; the first mismatch is named in the error. The
+    reference WideResNet's unused ``sub_block1`` tensors are dropped.
+    """
+    obj = read_checkpoint(path, map_location)
+    state = extract_state_dict(obj)
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith("sub_block1.") and k not in expected)}
+    for name, tensor in expected.items():
+        if name not in state:
+            raise CheckpointError(f"{path}: tensor {name!r} of the model is missing from the checkpoint (is it for another model?)")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(state[name].shape)} in the checkpoint "
+                                  f"but {tuple(tensor.shape)} in the model (another model, width or class count?)")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"{path}: checkpoint has tensors the model lacks, first {extra[0]!r} (is it for another model?)")
+    model.load_state_dict(state)
+    meta = obj.get("meta", {}) if isinstance(obj, Mapping) else {}
+    return dict(meta) if isinstance(meta, Mapping) else {}

@@ -1,0 +1,253 @@
+"""The whole RiFT pipeline as one function writing a run directory.
+
+    AT model --(MRC on training adversarial examples)--> least robust-critical module
+             --(fine-tune that weight on clean data)--> theta_FT
+             --(interpolate, choose alpha on validation)--> theta_RiFT
+             --(report clean / PGD robust accuracy on test)
+
+Run directory layout::
+
+    at/best.pt, at/last.pt      adversarial training (when trained here), resumable
+    at.pt                       the AT model used
+    mrc.csv                     MRC table, lowest first
+    finetune.csv, ft.pt         fine-tuning history and the fine-tuned model
+    interpolation.csv           validation curve over alpha
+    rift.pt                     the final interpolated model
+    results.json                configuration, chosen module and alpha, validation and test numbers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from . import __version__
+from ._util import resolve_device, seed_everything
+from .checkpoint import load_checkpoint, save_checkpoint
+from .criticality import adversarial_set, module_robust_criticality
+from .data import Batches, DataSplits, load_dataset
+from .evaluation import evaluate
+from .finetune import finetune_module
+from .interpolation import DEFAULT_ALPHAS, interpolate, interpolation_curve, select_alpha
+from .models import build_model
+from .training import adversarial_train
+
+__all__ = ["RiftConfig", "PROFILES", "run_rift", "prepare", "build_for"]
+
+
+@dataclass
+class RiftConfig:
+    """Every knob of a RiFT run. ``PROFILES`` holds named presets (``paper``, ``cpu``, ``demo``)."""
+
+    dataset: str = "cifar10"
+    model: str = "resnet18"
+    width: int | None = None
+    data_root: str | None = None
+    download: bool = False
+    device: str = "auto"
+    seed: int = 0
+    # data
+    train_subset: int | None = None
+    val_subset: int | None = None
+    test_subset: int | None = None
+    synthetic_sizes: tuple[int, int] | None = None
+    val_size: int | None = None  # default: the dataset's (5000 for CIFAR)
+    batch_size: int = 128
+    eval_batch_size: int = 512
+    # adversarial training
+    at_epochs: int = 110
+    at_lr: float = 0.1
+    at_attack_steps: int = 10
+    at_attack_step: float | None = None  # default: the dataset's step
+    eps: float | None = None  # default: the dataset's eps
+    step: float | None = None
+    # MRC
+    mrc_examples: int = 10000
+    mrc_eps: float = 0.1
+    mrc_passes: int = 10
+    mrc_step_size: float | None = None
+    # fine-tuning
+    ft_epochs: int = 10
+    ft_lr: float = 0.001
+    ft_module: str | None = None  # default: the least robust-critical module
+    update_bn_stats: bool = False
+    # interpolation and evaluation
+    alphas: tuple[float, ...] = DEFAULT_ALPHAS
+    threshold: float = 0.1
+    eval_steps: int = 10
+    eval_restarts: int = 3
+    val_restarts: int = 1
+    progress: bool = True
+
+    def resolved(self) -> "RiftConfig":
+        from .data import dataset_info
+
+        info = dataset_info(self.dataset)
+        cfg = dataclasses.replace(self)
+        cfg.eps = info.eps if self.eps is None else self.eps
+        cfg.step = info.step if self.step is None else self.step
+        cfg.at_attack_step = cfg.step if self.at_attack_step is None else self.at_attack_step
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if self.eps is not None and not 0 <= self.eps <= 1:
+            raise ValueError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {self.eps}")
+        if self.step is not None and not 0 < self.step <= 1:
+            raise ValueError(f"step must be in (0, 1] (pixel units), got {self.step}")
+        if not 0 <= self.mrc_eps <= 10:
+            raise ValueError(f"mrc_eps is relative to the weight norm and must be in [0, 10], got {self.mrc_eps}")
+        if any(not 0 <= a <= 1 for a in self.alphas) or 0.0 not in self.alphas:
+            raise ValueError(f"alphas must lie in [0, 1] and include 0, got {self.alphas}")
+        for name in ("batch_size", "eval_batch_size", "mrc_examples", "mrc_passes", "ft_epochs", "eval_steps", "eval_restarts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_subset", "val_subset", "test_subset"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # The paper's protocol (on a GPU).
+    "paper": {},
+    # A small, honest CPU run: small width, subsets, short schedules.
+    "cpu": dict(width=8, train_subset=10000, val_subset=1000, test_subset=2000, synthetic_sizes=(16000, 2000),
+                at_epochs=15, at_attack_steps=3, at_attack_step=4 / 255, mrc_examples=512, mrc_passes=3,
+                ft_epochs=4, eval_restarts=1),
+    # The demo: a few minutes on a laptop CPU.
+    "demo": dict(dataset="synthetic-cifar10", width=8, train_subset=4000, val_subset=1000, test_subset=1000,
+                 synthetic_sizes=(5000, 1000), val_size=1000, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
+                 mrc_examples=256, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
+}
+
+
+def build_for(cfg: RiftConfig, splits: DataSplits) -> nn.Module:
+    info = splits.info
+    return build_model(cfg.model, info.num_classes, info.channels, info.image_size, cfg.width, info.mean, info.std)
+
+
+def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
+    """Load the data described by ``cfg`` and resolve its device."""
+    splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, val_size=cfg.val_size, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
+                          test_subset=cfg.test_subset, synthetic_sizes=cfg.synthetic_sizes)
+    return splits, resolve_device(cfg.device)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | os.PathLike | None = None,
+             log=print) -> dict[str, Any]:
+    """Run RiFT end to end and write the run directory ``out_dir``; returns the results dict.
+
+    Without ``at_checkpoint`` the AT model is trained first (resumable from ``out_dir/at``).
+    """
+    cfg = cfg.resolved()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    splits, device = prepare(cfg)
+    info = splits.info
+    meta = {"riftlab": __version__, "dataset": cfg.dataset, **{k: v for k, v in build_for(cfg, splits).riftlab_config.items()}}
+    model = build_for(cfg, splits).to(device)
+    train_aug = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=cfg.seed)
+    val = Batches(splits.val, cfg.eval_batch_size, device=device)
+    test = Batches(splits.test, cfg.eval_batch_size, device=device)
+    timings: dict[str, float] = {}
+    log(f"riftlab {__version__}: {cfg.model} (width {cfg.width or 'default'}) on {cfg.dataset} {splits.sizes()}, device {device}")
+
+    t0 = time.perf_counter()
+    if at_checkpoint is not None:
+        load_checkpoint(model, at_checkpoint, map_location=device)
+        log(f"loaded AT model from {at_checkpoint}")
+    else:
+        log(f"adversarial training: {cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (eps {cfg.eps:.4f}, step {cfg.at_attack_step:.4f})")
+        result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
+                                   attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
+                                   meta=meta, progress=cfg.progress)
+        _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
+        log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
+    save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
+    theta_at = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    timings["adversarial_training"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mrc_source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
+    adv = adversarial_set(model, mrc_source, cfg.eps, cfg.step, cfg.eval_steps, seed=cfg.seed)
+    mrc = module_robust_criticality(model, adv, eps=cfg.mrc_eps, passes=cfg.mrc_passes, step_size=cfg.mrc_step_size, progress=cfg.progress)
+    _write_csv(out / "mrc.csv", mrc)
+    module = cfg.ft_module or str(mrc["module"].iloc[0])
+    timings["mrc"] = time.perf_counter() - t0
+    log(f"MRC: least robust-critical {mrc['module'].iloc[0]} ({mrc['mrc'].iloc[0]:.4f}), "
+        f"most {mrc['module'].iloc[-1]} ({mrc['mrc'].iloc[-1]:.4f}); fine-tuning {module}")
+
+    t0 = time.perf_counter()
+    ft = finetune_module(model, module, train_aug, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
+                         milestones=[max(1, cfg.ft_epochs // 2)], progress=cfg.progress)
+    _write_csv(out / "finetune.csv", pd.DataFrame(ft.history))
+    save_checkpoint(out / "ft.pt", {"model_state": ft.model.state_dict(), "meta": {**meta, "stage": "finetuned", "module": module}})
+    theta_ft = ft.model.state_dict()
+    timings["finetune"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    curve = interpolation_curve(model, theta_at, theta_ft, val, cfg.eps, cfg.step, cfg.eval_steps, cfg.val_restarts, cfg.alphas,
+                                seed=cfg.seed, progress=cfg.progress)
+    _write_csv(out / "interpolation.csv", curve)
+    choice = select_alpha(curve, cfg.threshold)
+    timings["interpolation"] = time.perf_counter() - t0
+    log(f"chosen alpha {choice['alpha']} on validation: clean {choice['clean_gain']:+.2f}, robust {choice['robust_change']:+.2f} points")
+
+    t0 = time.perf_counter()
+    theta_rift = interpolate(theta_at, theta_ft, choice["alpha"])
+    save_checkpoint(out / "rift.pt", {"model_state": theta_rift, "meta": {**meta, "stage": "rift", "module": module, "alpha": choice["alpha"]}})
+    at_test = evaluate(model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1)
+    rift_model = build_for(cfg, splits).to(device)
+    rift_model.load_state_dict(theta_rift)
+    rift_test = evaluate(rift_model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1)
+    timings["test_evaluation"] = time.perf_counter() - t0
+    base = curve.loc[curve["alpha"] == 0.0].iloc[0]
+    results = {
+        "riftlab": __version__,
+        "config": dataclasses.asdict(cfg),
+        "dataset": {"name": cfg.dataset, "description": info.description, "synthetic": info.synthetic, **splits.sizes()},
+        "module": module,
+        "mrc_least": {"module": str(mrc["module"].iloc[0]), "mrc": float(mrc["mrc"].iloc[0])},
+        "mrc_most": {"module": str(mrc["module"].iloc[-1]), "mrc": float(mrc["mrc"].iloc[-1])},
+        "alpha": choice["alpha"],
+        "finetune_best_epoch": ft.best_epoch,
+        "validation": {"at": {"clean_acc": float(base["clean_acc"]), "robust_acc": float(base["robust_acc"])},
+                       "rift": {"clean_acc": choice["clean_acc"], "robust_acc": choice["robust_acc"]}},
+        "test": {"at": at_test, "rift": rift_test},
+        "seconds": timings,
+    }
+    _write_json(out / "results.json", results)
+    log(results_table(results))
+    return results
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The AT vs AT+RiFT table as text."""
+    v, t = results["validation"], results["test"]
+    lines = [f"{'':10s} {'val clean':>10s} {'val robust':>11s} {'test clean':>11s} {'test robust':>12s}"]
+    for key, label in (("at", "AT"), ("rift", "AT+RiFT")):
+        lines.append(f"{label:10s} {v[key]['clean_acc']:10.2f} {v[key]['robust_acc']:11.2f} {t[key]['clean_acc']:11.2f} {t[key]['robust_acc']:12.2f}")
+    lines.append(f"module {results['module']}, alpha {results['alpha']}")
+    return "\n".join(lines)
