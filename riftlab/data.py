@@ -268,9 +268,13 @@ def load_dataset(
         full_train, test = make_synthetic(info, n_train, n_test, seed=split_seed)
     else:
         folder = _resolve_root(info, root)
-        if download:
-            download_dataset(name, folder)
-        full_train, test = _READERS[name](folder)
+        try:
+            full_train, test = _READERS[name](folder)
+        except DatasetNotFoundError:
+            if not download:
+                raise
+            download_dataset(name, folder)  # only when files are missing: never re-fetch what is there
+            full_train, test = _READERS[name](folder)
     val_size = info.val_size if val_size is None else val_size
     if not 0 <= val_size < len(full_train):
         raise ValueError(f"val_size must be in [0, {len(full_train)}), got {val_size}")
@@ -335,13 +339,18 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as fh:
         data = fh.read()
+    if len(data) < 4:
+        raise ValueError(f"{path} is truncated: no idx header")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path} is truncated: its header ends before its {ndim} dimensions")
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte idx file")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+        problem = "is truncated" if array.size < int(np.prod(shape)) else "has trailing bytes"
+        raise ValueError(f"{path} {problem}: its header promises {int(np.prod(shape))} values, found {array.size}")
     return array.reshape(shape)
 
 
@@ -468,7 +477,6 @@ def download_dataset(name: str, root: str | os.PathLike | None = None) -> Path:
 
 
 _SYNTH = {"motif_frac": 0.5, "a_min": 0.1, "a_max": 0.6, "b_max": 0.25, "clutter": 0.04, "noise": 0.02, "texture": 16 / 255}
-_SYNTH.update({k: float(v) for k, v in (kv.split("=") for kv in os.environ.get("RIFTLAB_SYNTH", "").split(",") if kv)})
 
 
 def make_synthetic(info: DatasetInfo | str, n_train: int, n_test: int, seed: int = 0) -> tuple[ImageSet, ImageSet]:
@@ -476,20 +484,20 @@ def make_synthetic(info: DatasetInfo | str, n_train: int, n_test: int, seed: int
 
     Each class k owns two features:
 
-    * a *robust* feature: a smooth colour motif M_k (a random 3x3 pattern upsampled to a quarter of
-      the image side), stamped at a random place with a random contrast a ~ U(0, 0.5). A motif of a
+    * a *robust* feature: a smooth colour motif M_k (a random 3x3 pattern upsampled to half the
+      image side), stamped at a random place with a random contrast a ~ U(0.1, 0.6). A motif of a
       random *other* class is stamped too, as a distractor, with contrast b ~ U(0, 0.25). Where
-      b > a (a quarter of the images) the motifs point to the wrong class, and where the contrasts
-      are close they are ambiguous; an 8/255 perturbation cannot swap two motifs whose contrasts
-      differ by much more than 2 * 8/255.
-    * a *non-robust* feature: a period-4 sign texture T_k at amplitude 4/255 over the whole image,
-      at a random phase. It always gives the right class, but an 8/255 perturbation can erase it
-      and paint another class's texture.
+      b > a the motifs point to the wrong class, and where the contrasts are close they are
+      ambiguous; an 8/255 perturbation cannot swap two motifs whose contrasts differ by much
+      more than 2 * 8/255.
+    * a *non-robust* feature: a period-4 sign texture T_k over the whole image, at a random phase
+      and a random amplitude in (0, 16/255). It always names the right class, but an 8/255
+      perturbation erases the weaker half of these textures and paints another class's in.
 
     On top lie a smooth random background and pixel noise. A standard-trained net reads the texture
-    (high clean accuracy, no robustness); adversarial training must rely on the motifs (clean
-    accuracy near the motifs' ceiling, real robust accuracy). Fine-tuning on clean data can add
-    some texture reading back, which helps on the ambiguous images: the room RiFT works in.
+    (about 90% clean accuracy, no robustness); adversarial training must rely mostly on the motifs
+    (clean accuracy far lower, real robust accuracy). Fine-tuning on clean data adds some texture
+    reading back, which helps on the ambiguous images: the room RiFT works in.
 
     Returns (train, test) :class:`ImageSet` s, deterministic in ``seed``.
     """

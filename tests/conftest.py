@@ -1,0 +1,40 @@
+"""Shared fixtures: small synthetic data and small models trained once per session (seconds on CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from riftlab import Batches, adversarial_train, build_model, load_dataset
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_splits():
+    """synthetic-cifar10: 1250 train / 250 val / 500 test images."""
+    return load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)
+
+
+def make_model(splits, width: int = 4, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    info = splits.info
+    return build_model("resnet18", info.num_classes, info.channels, info.image_size, width, info.mean, info.std)
+
+
+@pytest.fixture(scope="session")
+def standard_model(tiny_splits):
+    """A resnet18 (width 8) trained normally for a few epochs: accurate on clean data, not robust."""
+    model = make_model(tiny_splits, width=8)
+    train = Batches(tiny_splits.train, 64, shuffle=True, augment=True, seed=0)
+    adversarial_train(model, train, None, epochs=10, lr=0.1, attack_steps=0, milestones=[7])
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def at_model(tiny_splits):
+    """A resnet18 (width 4) adversarially trained for a few epochs (PGD-2, eps 8/255)."""
+    model = make_model(tiny_splits, seed=1)
+    train = Batches(tiny_splits.train, 64, shuffle=True, augment=True, seed=0)
+    adversarial_train(model, train, None, epochs=6, lr=0.1, attack_steps=2, step=4 / 255, milestones=[5])
+    return model.eval()
