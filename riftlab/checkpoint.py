@@ -26,6 +26,9 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would survive the rename
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(dict(payload), fh)
@@ -44,6 +47,12 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    if not magic:
+        raise CheckpointError(f"checkpoint {path} is empty")
+    if magic != b"PK" and magic[:1] != b"\x80":
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -52,8 +61,8 @@ def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"which could run code when unpickled ({str(err).splitlines()[0]}). "
             "Re-save it as a state dict (torch.save(model.state_dict(), path)) from a trusted source."
         ) from None
-    except (RuntimeError, EOFError) as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+    except Exception as err:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:

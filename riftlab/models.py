@@ -72,7 +72,8 @@ def build_model(
 
 
 def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs whose weights RiFT ranks: every Conv2d and Linear, in forward order."""
+    """The (name, module) pairs whose weights RiFT ranks: every Conv2d and Linear, in registration
+    order (forward order for the plain ResNets; a pre-activation shortcut is listed after its block's convs)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
@@ -171,13 +172,15 @@ class _ResNet(nn.Module):
 
 
 class _WideBlock(nn.Module):
-    def __init__(self, in_planes: int, out_planes: int, stride: int):
+    def __init__(self, in_planes: int, out_planes: int, stride: int, first: bool = False):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, out_planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, 1, 1, bias=False)
-        self.equal_in_out = in_planes == out_planes
+        # The first block of a stage always has a projection, so that small widths (where the
+        # channel count may not change) keep the reference module names.
+        self.equal_in_out = in_planes == out_planes and not first
         if not self.equal_in_out:
             self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, 0, bias=False)
 
@@ -192,7 +195,8 @@ class _WideBlock(nn.Module):
 class _NetworkBlock(nn.Module):
     def __init__(self, n: int, in_planes: int, out_planes: int, stride: int):
         super().__init__()
-        self.layer = nn.Sequential(*[_WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(n)])
+        self.layer = nn.Sequential(*[_WideBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, first=i == 0)
+                                     for i in range(n)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)

@@ -123,8 +123,6 @@ def test_interrupted_save_leaves_no_temp_file(tmp_path, monkeypatch):
     assert _folder(tmp_path) == []
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: tempfile.mkstemp creates the file with mode 0600 and os.replace "
-                                       "keeps it, so checkpoints are unreadable by group/others, unlike torch.save")
 def test_saved_checkpoint_has_the_usual_file_mode(tmp_path):
     old_umask = os.umask(0o022)
     try:
@@ -302,20 +300,13 @@ GARBAGE = {
     "truncated-pickle": b"\x80\x02}q\x00(X\x01\x00\x00\x00a",
     "text": b"not a checkpoint\n",
 }
-# Non-checkpoint bytes on which torch's weights-only unpickler fails with an exception other than
-# UnpicklingError / RuntimeError / EOFError, which read_checkpoint lets escape unwrapped (a bug).
-_ESCAPES = "bug: read_checkpoint wraps only UnpicklingError/RuntimeError/EOFError; this non-checkpoint file makes " \
-           "the weights-only unpickler raise {}, which escapes instead of a CheckpointError"
+# Non-checkpoint bytes on which torch's weights-only unpickler fails with exceptions other than
+# UnpicklingError (KeyError, IndexError, UnicodeDecodeError): they must still be CheckpointErrors.
 GARBAGE_ESCAPING = [
-    pytest.param(b"hello world", id="hello-world",
-                 marks=pytest.mark.xfail(strict=True, raises=KeyError, reason=_ESCAPES.format("KeyError"))),
-    pytest.param(b"\x86\x13garbage", id="tuple2-on-empty-stack",
-                 marks=pytest.mark.xfail(strict=True, raises=IndexError, reason=_ESCAPES.format("IndexError"))),
-    pytest.param(b"\x80\x02\x86.", id="pickle-header-then-tuple2-on-empty-stack",
-                 marks=pytest.mark.xfail(strict=True, raises=IndexError, reason=_ESCAPES.format("IndexError"))),
-    pytest.param(b"X\x02\x00\x00\x00\xff\xfe.", id="bad-utf8",
-                 marks=pytest.mark.xfail(strict=True, raises=UnicodeDecodeError,
-                                         reason=_ESCAPES.format("UnicodeDecodeError"))),
+    pytest.param(b"hello world", id="hello-world"),
+    pytest.param(b"\x86\x13garbage", id="tuple2-on-empty-stack"),
+    pytest.param(b"\x80\x02\x86.", id="pickle-header-then-tuple2-on-empty-stack"),
+    pytest.param(b"X\x02\x00\x00\x00\xff\xfe.", id="bad-utf8"),
 ]
 
 
@@ -348,8 +339,6 @@ def test_garbage_file_raising_other_errors_is_a_checkpoint_error(tmp_path, data)
         load_checkpoint(_model(), path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: bytes that are not a checkpoint at all are reported as 'refusing to "
-                                       "load ... could run code', a misleading diagnosis")
 def test_garbage_file_is_not_called_unsafe(tmp_path):
     path = tmp_path / "notes.txt"
     path.write_bytes(b"not a checkpoint\n")

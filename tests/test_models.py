@@ -166,9 +166,6 @@ def test_small_width_has_identical_state_dict_keys(name, width):
     assert any(a.shape != b.shape for a, b in zip(small.values(), default.values()))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="bug: wrn34_10 with width=1 has no block1.layer.0.convShortcut "
-                                       "(16 -> 16 channels is 'equal in/out'), so its state dict keys differ "
-                                       "from the default width")
 def test_wrn_width_one_has_identical_state_dict_keys():
     assert list(build_model("wrn34_10", width=1).state_dict()) == list(build_model("wrn34_10").state_dict())
 
