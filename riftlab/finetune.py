@@ -61,7 +61,8 @@ def finetune_module(
 
     Defaults are the paper's: SGD momentum 0.9, weight decay 5e-4, lr 0.001 decayed x0.1 after
     epoch 5, 10 epochs (batch size and crop/flip augmentation come from ``train``). The epoch with
-    the best validation clean accuracy is kept (never selected on test data).
+    the best validation clean accuracy among epochs 1..``epochs`` is kept (never selected on test
+    data). The starting point is not a candidate: the interpolation's alpha = 0 already is.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -73,10 +74,9 @@ def finetune_module(
     opt = torch.optim.SGD([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones if milestones is not None else [max(1, epochs // 2)], gamma=0.1)
     history: list[dict[str, float]] = []
-    best_epoch, best_score, best_state = 0, -math.inf, None
-    if val is not None:
-        best_score, best_state = accuracy(tuned, val), clone_state(tuned)
-        history.append({"epoch": 0, "lr": lr, "train_loss": float("nan"), "val_clean_acc": best_score})
+    best_epoch, best_score, best_state = -1, -math.inf, None
+    if val is not None:  # epoch 0 is the starting point, recorded for reference but never selected
+        history.append({"epoch": 0, "lr": lr, "train_loss": float("nan"), "val_clean_acc": accuracy(tuned, val)})
     device = train.device
     for epoch in _progress(range(epochs), progress, desc=f"fine-tuning {module_name}"):
         tuned.train(update_bn_stats)
@@ -105,5 +105,6 @@ def finetune_module(
     else:
         best_epoch = epochs
     weight.requires_grad_(False)
+    weight.grad = None
     tuned.eval()
     return FinetuneResult(tuned, module_name, history, best_epoch)

@@ -125,7 +125,7 @@ PROFILES: dict[str, dict[str, Any]] = {
                 ft_epochs=4, eval_restarts=1),
     # The demo: a few minutes on a laptop CPU.
     "demo": dict(dataset="synthetic-cifar10", width=8, train_subset=4000, val_subset=1000, test_subset=1000,
-                 synthetic_sizes=(5000, 1000), val_size=1000, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
+                 synthetic_sizes=(5000, 1000), val_size=1000, batch_size=64, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
                  mrc_examples=256, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
 }
 

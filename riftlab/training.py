@@ -122,6 +122,7 @@ def adversarial_train(
             save_checkpoint(out / "last.pt", {"model_state": model.state_dict(), "optimizer": opt.state_dict(),
                                               "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
                                               "best_epoch": best_epoch, "best_score": best_score, "meta": meta or {}})
+    opt.zero_grad(set_to_none=True)  # hand back a model without stale gradients
     if best_state is not None:
         model.load_state_dict(best_state)
     return TrainResult(model, history, best_epoch)

@@ -55,6 +55,7 @@ def test_more_restarts_never_raise_robust_accuracy(at_model, tiny_splits):
 
 def test_attack_uses_eval_batchnorm_and_leaves_model_untouched(standard_model, tiny_splits):
     x, y = _batch(tiny_splits, 64)
+    standard_model.zero_grad(set_to_none=True)
     standard_model.train()
     before = {k: v.clone() for k, v in standard_model.state_dict().items()}
     try:
