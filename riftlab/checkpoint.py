@@ -100,6 +100,21 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, map_location: str
     extra = sorted(set(state) - set(expected))
     if extra:
         raise CheckpointError(f"{path}: checkpoint has tensors the model lacks, first {extra[0]!r} (is it for another model?)")
-    model.load_state_dict(state)
     meta = obj.get("meta", {}) if isinstance(obj, Mapping) else {}
-    return dict(meta) if isinstance(meta, Mapping) else {}
+    meta = dict(meta) if isinstance(meta, Mapping) else {}
+    _check_meta(path, meta, getattr(model, "riftlab_config", {}))
+    model.load_state_dict(state)
+    return meta
+
+
+def _check_meta(path: str | os.PathLike, meta: Mapping[str, Any], config: Mapping[str, Any]) -> None:
+    """A riftlab checkpoint records its model and input normalisation; refuse a mismatch that the
+    tensor shapes cannot reveal (another normalisation silently changes every logit)."""
+    if meta.get("model") is not None and config.get("model") is not None and meta["model"] != config["model"]:
+        raise CheckpointError(f"{path}: checkpoint is for model {meta['model']!r}, not {config['model']!r}")
+    for key in ("mean", "std"):
+        saved, ours = meta.get(key), config.get(key)
+        if saved is not None and ours is not None:
+            if len(saved) != len(ours) or any(abs(float(a) - float(b)) > 1e-6 for a, b in zip(saved, ours)):
+                raise CheckpointError(f"{path}: checkpoint was trained with input normalisation {key}={list(saved)}, "
+                                      f"but the model uses {key}={list(ours)} (another dataset?)")

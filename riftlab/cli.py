@@ -43,6 +43,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, help="l_inf budget in pixel units (default: the dataset's, 8/255 for CIFAR)")
     g.add_argument("--step", type=float, help="PGD step in pixel units (default: the dataset's, 2/255 for CIFAR)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
+    g.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-lr", type=float)
     p.add_argument("--module", dest="ft_module")
     p.add_argument("--threshold", type=float)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
 
     p = sub.add_parser("demo", help="the full pipeline on a synthetic set on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", dest="progress", action="store_false", default=True)
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
+    p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out (same settings)")
 
     p = sub.add_parser("download", help="download a dataset and verify its checksums")
     p.add_argument("dataset")
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite"}
+_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite", "resume"}
 
 
 def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = None):
@@ -129,6 +131,25 @@ def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = Non
             raise KeyError(f"internal: option {key} has no configuration field")
         values[key] = value
     return RiftConfig(**values).resolved()
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.cuda.OutOfMemoryError
+
+
+def _stage_dir(out: Path, stage: str, args: argparse.Namespace) -> Path:
+    """The checkpoint folder of a step command, refusing to mix with an earlier run unless told."""
+    import shutil
+
+    folder = out / stage
+    if (folder / "last.pt").is_file():
+        if args.overwrite:
+            shutil.rmtree(folder)
+        elif not args.resume:
+            raise FileExistsError(f"{folder} holds an earlier {stage} run; pass --resume to continue it or --overwrite to start over")
+    return folder
 
 
 def _meta_of(path: str | Path) -> dict[str, Any]:
@@ -162,6 +183,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; finished stages and epoch checkpoints in the run directory are kept", file=sys.stderr)
         return 130
+    except torch_oom() as err:
+        size = getattr(args, "batch_size", None) or getattr(args, "eval_batch_size", None)
+        hint = f"try --batch-size {max(1, size // 2)}" if size else "try a smaller --batch-size (half of the current one)"
+        print(f"riftlab {args.command}: error: the GPU ran out of memory ({str(err).splitlines()[0]}); {hint}. "
+              "Finished epochs are saved: rerun with --resume.", file=sys.stderr)
+        return 3
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"riftlab {args.command}: error: {message}", file=sys.stderr)
@@ -186,14 +213,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     out = Path(args.out)
     if args.command in ("rift", "demo"):
-        if (out / "results.json").is_file() and not args.overwrite:
-            raise FileExistsError(f"{out} already holds a finished run (results.json); pass --overwrite or choose another --out")
         if args.command == "demo":
             cfg = RiftConfig(**{**PROFILES["demo"], "device": args.device, "seed": args.seed, "progress": args.progress})
-            run_rift(cfg, out)
+            run_rift(cfg, out, resume=args.resume, overwrite=args.overwrite)
         else:
             meta = _meta_of(args.at_checkpoint) if args.at_checkpoint else None
-            run_rift(config_from_args(args, meta), out, at_checkpoint=args.at_checkpoint)
+            run_rift(config_from_args(args, meta), out, at_checkpoint=args.at_checkpoint, resume=args.resume, overwrite=args.overwrite)
         print(f"results in {out / 'results.json'}")
         return 0
 
@@ -208,8 +233,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
-                                   meta=meta, progress=cfg.progress)
+                                   attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed,
+                                   out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress)
         save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         print(f"best epoch {result.best_epoch}: {result.history[result.best_epoch - 1]}\nwrote {out / 'at.pt'}")
@@ -246,7 +271,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         ft = finetune_module(model, module, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                             milestones=[max(1, cfg.ft_epochs // 2)], progress=cfg.progress)
+                             milestones=[max(1, cfg.ft_epochs // 2)], out_dir=_stage_dir(out, "ft", args), progress=cfg.progress)
         save_checkpoint(out / "ft.pt", {"model_state": ft.model.state_dict(), "meta": {**meta, "stage": "finetuned", "module": module}})
         _write_csv(out / "finetune.csv", pd.DataFrame(ft.history))
         print(f"fine-tuned {module}; best epoch {ft.best_epoch} ({ft.history[-1]})\nwrote {out / 'ft.pt'}")

@@ -12,6 +12,7 @@ at the final iterate (not the best seen along the way).
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Sequence
 
 import pandas as pd
@@ -19,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._loop import SweepProgress
 from ._util import progress as _progress
 from .attacks import eval_mode, pgd
 from .models import weight_modules
@@ -62,6 +64,7 @@ def module_robust_criticality(
     passes: int = 10,
     step_size: float | None = None,
     modules: Sequence[str] | None = None,
+    checkpoint_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """MRC of every Conv2d / Linear weight, lowest (least robust-critical) first.
@@ -78,6 +81,8 @@ def module_robust_criticality(
         step_size: length of each ascent step as a fraction of the ball's radius; by default
             2.5 / (number of steps), the usual l2-PGD choice, which can cross the ball and back.
         modules: names to evaluate (default: all Conv2d and Linear modules).
+        checkpoint_path: file where the rows are saved after each module; an existing file
+            resumes the sweep (the adversarial set must be the same: it is, for the same seed).
 
     Returns:
         A DataFrame with one row per module: ``module``, ``mrc`` (increase of the mean adversarial
@@ -96,14 +101,17 @@ def module_robust_criticality(
     unknown = [n for n in names if n not in candidates]
     if unknown:
         raise ValueError(f"unknown module {unknown[0]!r}; valid modules: {', '.join(candidates)}")
+    sweep = SweepProgress(checkpoint_path, {"eps": eps, "passes": passes, "step_size": step_size, "modules": names,
+                                            "examples": sum(len(y) for _, y in adv)})
+    rows = list(sweep.load().get("rows", []))
+    finished = {row["module"] for row in rows}
     flags = {p: p.requires_grad for p in model.parameters()}
-    rows = []
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         with eval_mode(model):
             base_loss, base_acc = _loss_and_accuracy(model, adv)
-            for name in _progress(names, progress, desc="MRC"):
+            for name in _progress([n for n in names if n not in finished], progress, desc="MRC", initial=len(finished), total=len(names)):
                 weight = candidates[name].weight
                 original = weight.detach().clone()
                 radius = eps * original.norm()
@@ -129,6 +137,7 @@ def module_robust_criticality(
                 rows.append({"module": name, "mrc": loss - base_loss, "adv_loss": base_loss, "perturbed_adv_loss": loss,
                              "robust_acc": base_acc, "perturbed_robust_acc": acc, "robust_acc_drop": base_acc - acc,
                              "params": weight.numel(), "relative_change": reached})
+                sweep.save({"rows": rows})
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

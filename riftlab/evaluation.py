@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable
 
 import torch
 import torch.nn as nn
 
+from ._loop import SweepProgress
 from .attacks import eval_mode, pgd
 
 __all__ = ["evaluate", "accuracy"]
@@ -31,6 +33,7 @@ def evaluate(
     steps: int = 10,
     restarts: int = 1,
     seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
 ) -> dict[str, float]:
     """Clean accuracy and PGD-``steps`` robust accuracy, worst case over ``restarts`` random starts.
 
@@ -38,27 +41,59 @@ def evaluate(
     every restart (a per-example worst case, never weaker than the paper's worst of 3 whole runs).
     Only examples still correct are attacked again, which leaves the result unchanged and saves
     time. Accuracies are in percent.
+
+    A batch that does not fit in GPU memory is evaluated in halves (the result is the same).
+    With ``checkpoint_path``, the counts and the attack's random state are saved after every
+    batch and an existing file resumes the evaluation.
     """
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    correct_clean = correct_robust = total = 0
+    if eps < 0 or alpha < 0 or steps < 0:
+        raise ValueError(f"eps, alpha (step size) and steps must be non-negative, got {eps}, {alpha}, {steps}")
+    progress = SweepProgress(checkpoint_path, {"eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "seed": seed})
+    state = progress.load()
+    done = state.get("batches", 0)
+    counts = {k: state.get(k, 0) for k in ("clean", "robust", "total")}
     gen = None
     with eval_mode(model):
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             if gen is None:
                 gen = torch.Generator(device=x.device).manual_seed(seed)
+                if "generator" in state:
+                    gen.set_state(state["generator"])
+            if i < done:
+                continue
+            clean, robust = _evaluate_batch(model, x, y, eps, alpha, steps, restarts, gen)
+            counts["clean"] += clean
+            counts["robust"] += robust
+            counts["total"] += len(y)
+            if checkpoint_path is not None:
+                progress.save({"batches": i + 1, **counts, "generator": gen.get_state()})
+    total = max(counts["total"], 1)
+    return {"clean_acc": 100.0 * counts["clean"] / total, "robust_acc": 100.0 * counts["robust"] / total,
+            "eps": eps, "step": alpha, "steps": steps, "restarts": restarts, "n": counts["total"]}
+
+
+def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, restarts: int,
+                    gen: torch.Generator) -> tuple[int, int]:
+    try:
+        with torch.no_grad():
+            alive = model(x).argmax(1) == y
+        clean = int(alive.sum())
+        for _ in range(restarts):
+            idx = alive.nonzero().squeeze(1)
+            if len(idx) == 0:
+                break
+            x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
             with torch.no_grad():
-                alive = model(x).argmax(1) == y
-            correct_clean += alive.sum()
-            for _ in range(restarts):
-                idx = alive.nonzero().squeeze(1)
-                if len(idx) == 0:
-                    break
-                x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
-                with torch.no_grad():
-                    alive[idx] = model(x_adv).argmax(1) == y[idx]
-            correct_robust += alive.sum()
-            total += len(y)
-    total = max(total, 1)
-    return {"clean_acc": 100.0 * float(correct_clean) / total, "robust_acc": 100.0 * float(correct_robust) / total,
-            "eps": eps, "step": alpha, "steps": steps, "restarts": restarts, "n": total}
+                alive[idx] = model(x_adv).argmax(1) == y[idx]
+        return clean, int(alive.sum())
+    except torch.cuda.OutOfMemoryError:
+        if len(y) == 1:
+            raise
+        if x.is_cuda:
+            torch.cuda.empty_cache()
+        half = len(y) // 2
+        a = _evaluate_batch(model, x[:half], y[:half], eps, alpha, steps, restarts, gen)
+        b = _evaluate_batch(model, x[half:], y[half:], eps, alpha, steps, restarts, gen)
+        return a[0] + b[0], a[1] + b[1]

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import copy
-import math
+import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._util import clone_state, progress as _progress
+from ._loop import EpochCheckpoint, LoopState, train_epoch
+from ._util import progress as _progress
 from .data import Batches
 from .evaluation import accuracy
 from .models import weight_modules
@@ -47,6 +47,8 @@ def finetune_module(
     weight_decay: float = 5e-4,
     milestones: list[int] | None = None,
     update_bn_stats: bool = False,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = True,
     progress: bool = False,
 ) -> FinetuneResult:
     """Fine-tune the weight of module ``module_name`` (exact name) on clean data.
@@ -63,6 +65,8 @@ def finetune_module(
     epoch 5, 10 epochs (batch size and crop/flip augmentation come from ``train``). The epoch with
     the best validation clean accuracy among epochs 1..``epochs`` is kept (never selected on test
     data). The starting point is not a candidate: the interpolation's alpha = 0 already is.
+    Without ``val`` the last epoch is kept. With ``out_dir``, every epoch is checkpointed
+    atomically and ``resume=True`` continues a killed run with the same result.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -73,38 +77,26 @@ def finetune_module(
     weight.requires_grad_(True)
     opt = torch.optim.SGD([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones if milestones is not None else [max(1, epochs // 2)], gamma=0.1)
-    history: list[dict[str, float]] = []
-    best_epoch, best_score, best_state = -1, -math.inf, None
-    if val is not None:  # epoch 0 is the starting point, recorded for reference but never selected
-        history.append({"epoch": 0, "lr": lr, "train_loss": float("nan"), "val_clean_acc": accuracy(tuned, val)})
-    device = train.device
-    for epoch in _progress(range(epochs), progress, desc=f"fine-tuning {module_name}"):
+    ckpt = EpochCheckpoint(out_dir, {"module": module_name})
+    loop = ckpt.restore(tuned, opt, sched) if resume else LoopState()
+    if val is not None and not loop.history:  # epoch 0 is the starting point, recorded but never selected
+        loop.history.append({"epoch": 0, "lr": lr, "train_loss": None, "val_clean_acc": accuracy(tuned, val)})
+    for epoch in _progress(range(loop.next_epoch, epochs), progress, desc=f"fine-tuning {module_name}", initial=loop.next_epoch, total=epochs):
         tuned.train(update_bn_stats)
         train.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=device)
-        seen = 0
-        for x, y in train:
-            loss = F.cross_entropy(tuned(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            seen += len(y)
+        stats = train_epoch(tuned, train, opt)
         sched.step()
-        train_loss = float(loss_sum) / seen
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"fine-tuning loss became {train_loss} in epoch {epoch + 1}; lower the learning rate")
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss}
+        if stats["first_bad_step"] >= 0:
+            raise ckpt.nonfinite_error("fine-tuning", stats["loss"], epoch, stats["first_bad_step"])
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": stats["loss"]}
         if val is not None:
             record["val_clean_acc"] = accuracy(tuned, val)
-            if record["val_clean_acc"] > best_score:
-                best_epoch, best_score, best_state = epoch + 1, record["val_clean_acc"], clone_state(tuned)
-        history.append(record)
-    if best_state is not None:
-        tuned.load_state_dict(best_state)
-    else:
-        best_epoch = epochs
+        loop.history.append(record)
+        changed = loop.update_best(epoch + 1, record.get("val_clean_acc", epoch), tuned)
+        ckpt.save(tuned, opt, sched, epoch, loop, changed)
+    if val is not None and loop.best_state is not None:
+        tuned.load_state_dict(loop.best_state)
     weight.requires_grad_(False)
     weight.grad = None
     tuned.eval()
-    return FinetuneResult(tuned, module_name, history, best_epoch)
+    return FinetuneResult(tuned, module_name, loop.history, loop.best_epoch)

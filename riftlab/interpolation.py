@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
+from ._loop import SweepProgress
 from ._util import progress as _progress
 from .evaluation import evaluate
 
@@ -50,6 +52,7 @@ def interpolation_curve(
     restarts: int = 1,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
     progress: bool = False,
 ) -> pd.DataFrame:
     """Clean and PGD robust accuracy of theta(alpha) for every alpha, on ``batches``.
@@ -57,14 +60,18 @@ def interpolation_curve(
     ``model`` supplies the architecture; its weights are restored afterwards. Every alpha is
     attacked with the same random starts (same ``seed``), so differences along the curve are not
     attack noise. Returns a DataFrame with columns ``alpha``, ``clean_acc``, ``robust_acc``.
+    With ``checkpoint_path`` the rows are saved after each alpha and an existing file resumes.
     """
+    sweep = SweepProgress(checkpoint_path, {"alphas": list(alphas), "eps": eps, "step": step, "steps": attack_steps,
+                                            "restarts": restarts, "seed": seed})
+    rows = list(sweep.load().get("rows", []))
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    rows = []
     try:
-        for alpha in _progress(list(alphas), progress, desc="interpolation"):
+        for alpha in _progress(list(alphas)[len(rows):], progress, desc="interpolation", initial=len(rows), total=len(alphas)):
             model.load_state_dict(interpolate(theta_at, theta_ft, float(alpha)))
             result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed)
             rows.append({"alpha": float(alpha), "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"]})
+            sweep.save({"rows": rows})
     finally:
         model.load_state_dict(original)
     return pd.DataFrame(rows)

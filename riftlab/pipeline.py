@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from . import __version__
 from ._util import resolve_device, seed_everything
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, load_dataset
 from .evaluation import evaluate
@@ -100,6 +100,7 @@ class RiftConfig:
         return cfg
 
     def validate(self) -> None:
+        _check_types(self)
         if self.eps is not None and not 0 <= self.eps <= 1:
             raise ValueError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {self.eps}")
         if self.step is not None and not 0 < self.step <= 1:
@@ -116,6 +117,26 @@ class RiftConfig:
                 raise ValueError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
 
 
+def _check_types(cfg: "RiftConfig") -> None:
+    """Every field must have its declared type (papermill and the CLI pass values through here)."""
+    import types
+    import typing
+
+    hints = typing.get_type_hints(RiftConfig)
+    for f in dataclasses.fields(cfg):
+        value, hint = getattr(cfg, f.name), hints[f.name]
+        allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        kinds = tuple(typing.get_origin(a) or a for a in allowed)
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if not ok and float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            ok = True  # an int where a float is expected is fine
+        if ok and isinstance(value, tuple) and f.name == "alphas":
+            ok = all(isinstance(a, (int, float)) for a in value)
+        if not ok:
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+            raise ValueError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
+
+
 PROFILES: dict[str, dict[str, Any]] = {
     # The paper's protocol (on a GPU).
     "paper": {},
@@ -127,6 +148,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "demo": dict(dataset="synthetic-cifar10", width=8, train_subset=4000, val_subset=1000, test_subset=1000,
                  synthetic_sizes=(5000, 1000), val_size=1000, batch_size=64, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
                  mrc_examples=256, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
+    # The book's offline CPU profile: real Fashion-MNIST (eps 0.1), a few minutes for all chapters on 2 cores.
+    "book": dict(dataset="fashion-mnist", width=8, train_subset=4000, val_subset=1000, test_subset=1000, at_epochs=6,
+                 at_attack_steps=3, at_attack_step=0.04, mrc_examples=512, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
 }
 
 
@@ -154,28 +178,71 @@ def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
+_RUN_FILES = ("at", "ft", "progress", "at.pt", "ft.pt", "rift.pt", "mrc.csv", "finetune.csv", "at_history.csv",
+              "interpolation.csv", "results.json", "config.json")
+
+
+def prepare_run_dir(out: Path, cfg: "RiftConfig", resume: bool, overwrite: bool) -> None:
+    """Make ``out`` ready for a run: refuse to clobber finished or unfinished work unless told to.
+
+    ``overwrite`` removes riftlab's own files in ``out`` (nothing else); ``resume`` continues an
+    unfinished run, which must have been started with the same settings.
+    """
+    import shutil
+
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+    config_file = out / "config.json"
+    if overwrite:
+        for name in _RUN_FILES:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif (out / "results.json").is_file():
+        raise FileExistsError(f"{out} already holds a finished run (results.json); pass --overwrite or choose another --out")
+    elif any((out / name).exists() for name in _RUN_FILES):
+        if not resume:
+            raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
+        if config_file.is_file():
+            saved = json.loads(config_file.read_text())
+            fresh = json.loads(json.dumps(config, default=str))
+            diff = [k for k in sorted(set(saved) | set(fresh)) if saved.get(k) != fresh.get(k)]
+            if diff:
+                raise ValueError(f"cannot resume {out}: it was started with other settings ({', '.join(diff)}); "
+                                 "use the same options, or --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(config_file, config)
+
+
 def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | os.PathLike | None = None,
-             log=print) -> dict[str, Any]:
+             resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
     """Run RiFT end to end and write the run directory ``out_dir``; returns the results dict.
 
-    Without ``at_checkpoint`` the AT model is trained first (resumable from ``out_dir/at``).
+    Without ``at_checkpoint`` the AT model is trained first. Every stage saves its progress
+    atomically (per epoch, per module, per alpha, per batch); ``resume=True`` continues a killed
+    run from where it stopped, with the same final result.
     """
     cfg = cfg.resolved()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_run_dir(out, cfg, resume, overwrite)
     seed_everything(cfg.seed)
     splits, device = prepare(cfg)
     info = splits.info
-    meta = {"riftlab": __version__, "dataset": cfg.dataset, **{k: v for k, v in build_for(cfg, splits).riftlab_config.items()}}
     model = build_for(cfg, splits).to(device)
+    meta = {"riftlab": __version__, "dataset": cfg.dataset, "seed": cfg.seed, **model.riftlab_config}
     train_aug = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=cfg.seed)
     val = Batches(splits.val, cfg.eval_batch_size, device=device)
     test = Batches(splits.test, cfg.eval_batch_size, device=device)
+    progress_dir = out / "progress"
     timings: dict[str, float] = {}
     log(f"riftlab {__version__}: {cfg.model} (width {cfg.width or 'default'}) on {cfg.dataset} {splits.sizes()}, device {device}")
 
     t0 = time.perf_counter()
-    if at_checkpoint is not None:
+    if (out / "at.pt").is_file():
+        load_checkpoint(model, out / "at.pt", map_location=device)
+        log(f"AT model: reusing {out / 'at.pt'}")
+    elif at_checkpoint is not None:
         load_checkpoint(model, at_checkpoint, map_location=device)
         log(f"loaded AT model from {at_checkpoint}")
     else:
@@ -185,31 +252,44 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
                                    meta=meta, progress=cfg.progress)
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
-    save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
+    if not (out / "at.pt").is_file():
+        save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
     theta_at = {k: v.detach().clone() for k, v in model.state_dict().items()}
     timings["adversarial_training"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    mrc_source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
-    adv = adversarial_set(model, mrc_source, cfg.eps, cfg.step, cfg.eval_steps, seed=cfg.seed)
-    mrc = module_robust_criticality(model, adv, eps=cfg.mrc_eps, passes=cfg.mrc_passes, step_size=cfg.mrc_step_size, progress=cfg.progress)
-    _write_csv(out / "mrc.csv", mrc)
+    if (out / "mrc.csv").is_file():
+        mrc = pd.read_csv(out / "mrc.csv")
+    else:
+        mrc_source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
+        adv = adversarial_set(model, mrc_source, cfg.eps, cfg.step, cfg.eval_steps, seed=cfg.seed)
+        mrc = module_robust_criticality(model, adv, eps=cfg.mrc_eps, passes=cfg.mrc_passes, step_size=cfg.mrc_step_size,
+                                        checkpoint_path=progress_dir / "mrc.pt", progress=cfg.progress)
+        _write_csv(out / "mrc.csv", mrc)
     module = cfg.ft_module or str(mrc["module"].iloc[0])
     timings["mrc"] = time.perf_counter() - t0
     log(f"MRC: least robust-critical {mrc['module'].iloc[0]} ({mrc['mrc'].iloc[0]:.4f}), "
         f"most {mrc['module'].iloc[-1]} ({mrc['mrc'].iloc[-1]:.4f}); fine-tuning {module}")
 
     t0 = time.perf_counter()
-    ft = finetune_module(model, module, train_aug, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                         milestones=[max(1, cfg.ft_epochs // 2)], progress=cfg.progress)
-    _write_csv(out / "finetune.csv", pd.DataFrame(ft.history))
-    save_checkpoint(out / "ft.pt", {"model_state": ft.model.state_dict(), "meta": {**meta, "stage": "finetuned", "module": module}})
-    theta_ft = ft.model.state_dict()
+    ft_model = build_for(cfg, splits).to(device)
+    if (out / "ft.pt").is_file():
+        load_checkpoint(ft_model, out / "ft.pt", map_location=device)
+        ft_history = pd.read_csv(out / "finetune.csv")
+        best_epoch = int(read_checkpoint(out / "ft.pt")["meta"]["best_epoch"])
+    else:
+        ft = finetune_module(model, module, train_aug, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
+                             milestones=[max(1, cfg.ft_epochs // 2)], out_dir=out / "ft", progress=cfg.progress)
+        ft_model, ft_history, best_epoch = ft.model, pd.DataFrame(ft.history), ft.best_epoch
+        _write_csv(out / "finetune.csv", ft_history)
+        save_checkpoint(out / "ft.pt", {"model_state": ft_model.state_dict(),
+                                        "meta": {**meta, "stage": "finetuned", "module": module, "best_epoch": best_epoch}})
+    theta_ft = ft_model.state_dict()
     timings["finetune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     curve = interpolation_curve(model, theta_at, theta_ft, val, cfg.eps, cfg.step, cfg.eval_steps, cfg.val_restarts, cfg.alphas,
-                                seed=cfg.seed, progress=cfg.progress)
+                                seed=cfg.seed, checkpoint_path=progress_dir / "interpolation.pt", progress=cfg.progress)
     _write_csv(out / "interpolation.csv", curve)
     choice = select_alpha(curve, cfg.threshold)
     timings["interpolation"] = time.perf_counter() - t0
@@ -218,10 +298,12 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     t0 = time.perf_counter()
     theta_rift = interpolate(theta_at, theta_ft, choice["alpha"])
     save_checkpoint(out / "rift.pt", {"model_state": theta_rift, "meta": {**meta, "stage": "rift", "module": module, "alpha": choice["alpha"]}})
-    at_test = evaluate(model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1)
+    at_test = evaluate(model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1,
+                       checkpoint_path=progress_dir / "test-at.pt")
     rift_model = build_for(cfg, splits).to(device)
     rift_model.load_state_dict(theta_rift)
-    rift_test = evaluate(rift_model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1)
+    rift_test = evaluate(rift_model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1,
+                         checkpoint_path=progress_dir / "test-rift.pt")
     timings["test_evaluation"] = time.perf_counter() - t0
     base = curve.loc[curve["alpha"] == 0.0].iloc[0]
     results = {
@@ -232,7 +314,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         "mrc_least": {"module": str(mrc["module"].iloc[0]), "mrc": float(mrc["mrc"].iloc[0])},
         "mrc_most": {"module": str(mrc["module"].iloc[-1]), "mrc": float(mrc["mrc"].iloc[-1])},
         "alpha": choice["alpha"],
-        "finetune_best_epoch": ft.best_epoch,
+        "finetune_best_epoch": best_epoch,
         "validation": {"at": {"clean_acc": float(base["clean_acc"]), "robust_acc": float(base["robust_acc"])},
                        "rift": {"clean_acc": choice["clean_acc"], "robust_acc": choice["robust_acc"]}},
         "test": {"at": at_test, "rift": rift_test},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +9,12 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ._util import clone_state, milestones_for, progress as _progress
+from ._loop import EpochCheckpoint, LoopState, train_epoch
+from ._util import milestones_for, progress as _progress
 from .attacks import pgd
-from .checkpoint import read_checkpoint, save_checkpoint
 from .data import Batches
-from .evaluation import evaluate
+from .evaluation import accuracy, evaluate
 
 __all__ = ["adversarial_train", "TrainResult"]
 
@@ -69,66 +67,31 @@ def adversarial_train(
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     adversarial = attack_steps > 0
     key = "val_robust_acc" if adversarial and val is not None else "val_clean_acc"
-    history: list[dict[str, float]] = []
-    best_epoch, best_score, best_state = -1, -math.inf, None
-    start = 0
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None and resume and (out / "last.pt").is_file():
-        state = read_checkpoint(out / "last.pt", map_location=next(model.parameters()).device)
-        model.load_state_dict(state["model_state"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        history, best_epoch, best_score = list(state["history"]), state["best_epoch"], state["best_score"]
-        best_state = read_checkpoint(out / "best.pt", map_location=next(model.parameters()).device)["model_state"]
-        start = state["epoch"] + 1
+    ckpt = EpochCheckpoint(out_dir, meta)
+    loop = ckpt.restore(model, opt, sched) if resume else LoopState()
     device = train.device
-    for epoch in _progress(range(start, epochs), progress, desc="adversarial training" if adversarial else "training", initial=start, total=epochs):
+    for epoch in _progress(range(loop.next_epoch, epochs), progress, desc="adversarial training" if adversarial else "training",
+                           initial=loop.next_epoch, total=epochs):
         model.train()
         train.set_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device)
-        seen = 0
-        for x, y in train:
-            x_in = pgd(model, x, y, eps, step, attack_steps, generator=gen) if adversarial else x
-            logits = model(x_in)
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            seen += len(y)
+        attack = (lambda x, y: pgd(model, x, y, eps, step, attack_steps, generator=gen)) if adversarial else None
+        stats = train_epoch(model, train, opt, attack)
         sched.step()
-        train_loss = float(loss_sum) / seen
-        if not math.isfinite(train_loss):
-            where = f"; the last good checkpoint is {out / 'last.pt'}" if out is not None and (out / "last.pt").is_file() else ""
-            raise FloatingPointError(f"training loss became {train_loss} in epoch {epoch + 1}{where}. Lower the learning rate.")
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": train_loss,
-                  ("train_robust_acc" if adversarial else "train_clean_acc"): 100.0 * float(correct) / seen}
+        if stats["first_bad_step"] >= 0:
+            raise ckpt.nonfinite_error("training", stats["loss"], epoch, stats["first_bad_step"])
+        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": stats["loss"],
+                  ("train_robust_acc" if adversarial else "train_clean_acc"): stats["acc"]}
         if val is not None:
-            result = evaluate(model, val, eps, step, eval_steps, restarts=1, seed=seed) if adversarial else \
-                {"clean_acc": _clean(model, val)}
-            record["val_clean_acc"] = result["clean_acc"]
             if adversarial:
-                record["val_robust_acc"] = result["robust_acc"]
-        history.append(record)
-        score = record.get(key, -train_loss)
-        if score > best_score:
-            best_epoch, best_score, best_state = epoch + 1, score, clone_state(model)
-            if out is not None:
-                save_checkpoint(out / "best.pt", {"model_state": best_state, "meta": {**(meta or {}), "epoch": epoch + 1, key: score}})
-        if out is not None:
-            save_checkpoint(out / "last.pt", {"model_state": model.state_dict(), "optimizer": opt.state_dict(),
-                                              "scheduler": sched.state_dict(), "epoch": epoch, "history": history,
-                                              "best_epoch": best_epoch, "best_score": best_score, "meta": meta or {}})
+                result = evaluate(model, val, eps, step, eval_steps, restarts=1, seed=seed)
+                record["val_clean_acc"], record["val_robust_acc"] = result["clean_acc"], result["robust_acc"]
+            else:
+                record["val_clean_acc"] = accuracy(model, val)
+        loop.history.append(record)
+        changed = loop.update_best(epoch + 1, record.get(key, -stats["loss"]), model)
+        ckpt.save(model, opt, sched, epoch, loop, changed)
     opt.zero_grad(set_to_none=True)  # hand back a model without stale gradients
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return TrainResult(model, history, best_epoch)
-
-
-def _clean(model: nn.Module, batches: Batches) -> float:
-    from .evaluation import accuracy
-
-    return accuracy(model, batches)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
+    return TrainResult(model, loop.history, loop.best_epoch)
