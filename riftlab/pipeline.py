@@ -160,7 +160,8 @@ def build_for(cfg: RiftConfig, splits: DataSplits) -> nn.Module:
 
 
 def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
-    """Load the data described by ``cfg`` and resolve its device."""
+    """Seed every generator from ``cfg.seed``, load the data described by ``cfg`` and resolve its device."""
+    seed_everything(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, val_size=cfg.val_size, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
                           test_subset=cfg.test_subset, synthetic_sizes=cfg.synthetic_sizes)
     return splits, resolve_device(cfg.device)

@@ -89,3 +89,15 @@ def test_list_and_version():
     proc = _riftlab("list")
     assert proc.returncode == 0 and "resnet18" in proc.stdout and "fashion-mnist" in proc.stdout
     assert _riftlab("--version").stdout.startswith("riftlab ")
+
+
+def test_same_seed_gives_identical_weights_from_the_command_line(tmp_path):
+    """Every command seeds the model's initialisation from --seed (train-at once did not)."""
+    import torch
+
+    args = [*TINY, "--epochs", "1", "--attack-steps", "1", "--train-subset", "128", "--seed", "7"]
+    assert main(["train-at", *args, "--out", str(tmp_path / "a")]) == 0
+    assert main(["train-at", *args, "--out", str(tmp_path / "b")]) == 0
+    a = read_checkpoint(tmp_path / "a" / "at.pt")["model_state"]
+    b = read_checkpoint(tmp_path / "b" / "at.pt")["model_state"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
