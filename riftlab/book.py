@@ -1,0 +1,502 @@
+"""Helpers for the book's notebooks: configuration, reproducible setup, glue, load-or-compute.
+
+The notebooks call these so that each chapter is short, runs alone (recomputing what an earlier
+chapter would have saved) and gives the same outputs on every run of its default parameters.
+
+The expensive steps are cached in the artifacts folder (``$RIFTLAB_ARTIFACTS``, else
+``artifacts/`` at the repository root) under a key made of everything that determines them:
+
+* :func:`trained_models`: the AT model and a standard-trained model of the same architecture,
+  with their training histories (chapter 1 computes them, chapters 2-5 reuse them);
+* :func:`mrc_table`: module robust criticality of every module of the AT model (chapter 2);
+* :func:`finetuned`: one fine-tuning choice plus its interpolation curve and chosen alpha
+  (chapters 3-5);
+* :func:`evaluation`: clean and PGD robust accuracy of a model on a split, keyed by the model's
+  weights themselves (a hash of its state dict), so a model is never attacked twice.
+
+Nothing here re-implements the method: every step calls the riftlab function that does it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn as nn
+
+from . import __version__
+from ._util import milestones_for, resolve_device, seed_everything
+from .checkpoint import read_checkpoint, save_checkpoint
+from .criticality import adversarial_set, module_robust_criticality
+from .data import Batches, DataSplits
+from .evaluation import accuracy, evaluate
+from .finetune import finetune_module
+from .interpolation import interpolate, interpolation_curve, select_alpha
+from .models import weight_modules
+from .pipeline import PROFILES, RiftConfig, build_for, prepare
+from .training import adversarial_train
+
+__all__ = [
+    "setup", "glue", "artifact_dir", "artifact_path", "load_or_compute", "round_floats", "chapter_config", "config_summary",
+    "load_data", "loaders", "state_hash", "trained_models", "evaluation", "mrc_table", "finetuned", "rift", "class_names",
+    "ALL_LAYERS", "plot_attacks",
+]
+
+#: The name :func:`finetuned` accepts for fine-tuning every layer (the paper's Table 3 baseline).
+ALL_LAYERS = "all layers"
+
+_CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+}
+
+
+def setup(seed: int = 0, device: str = "auto", threads: int | None = 1) -> torch.device:
+    """Seed every generator, ask for deterministic algorithms and return the device to use.
+
+    On CPU the thread count is fixed (default 1) so that results do not depend on the machine's
+    core count (parallel reductions add in another order with another thread count); one thread
+    also keeps a shared 2-core machine usable: with two threads competing with another busy
+    process, PyTorch's OpenMP threads slow down several-fold. On a GPU, cuDNN is put in
+    deterministic mode.
+    """
+    seed_everything(seed)
+    dev = resolve_device(device)
+    if dev.type == "cpu" and threads:
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    return dev
+
+
+def _plain(value: Any, digits: int) -> Any:
+    """numpy / torch scalars become Python numbers; floats are rounded to ``digits``."""
+    if isinstance(value, (torch.Tensor, np.generic)) and getattr(value, "ndim", 0) == 0:
+        value = value.item()
+    if isinstance(value, float):
+        return round(float(value), digits)
+    return value
+
+
+def glue(name: str, value: Any, display: bool = False, digits: int = 2) -> Any:
+    """Make ``value`` available to the book's prose as ``{glue:text}`name```; returns the value glued.
+
+    Numbers are converted to plain Python numbers and floats are rounded to ``digits`` decimals,
+    so the prose and the stored outputs are stable. With myst-nb installed this is
+    ``myst_nb.glue``; without it (e.g. on Colab) the value is printed when ``display`` is true.
+    """
+    value = _plain(value, digits)
+    try:
+        from myst_nb import glue as _glue
+    except ImportError:
+        if display:
+            print(f"{name}: {value}")
+        return value
+    _glue(name, value, display=display)
+    return value
+
+
+def round_floats(obj: Any, digits: int = 2) -> Any:
+    """Round every float inside nested dicts/lists, for stable printed outputs."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: round_floats(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(round_floats(v, digits) for v in obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Artifacts
+
+
+def artifact_dir() -> Path:
+    """Where chapters keep what they compute: ``$RIFTLAB_ARTIFACTS``, else ``artifacts/`` at the repository root."""
+    env = os.environ.get("RIFTLAB_ARTIFACTS")
+    if env:
+        return Path(env)
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "_toc.yml").is_file() or (folder / "pyproject.toml").is_file():
+            return folder / "artifacts"
+    return here / "artifacts"
+
+
+def artifact_path(name: str, params: dict[str, Any]) -> Path:
+    """A file name for ``name`` computed with ``params``: different parameters never share a file."""
+    key = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return artifact_dir() / f"{name}-{key}.pt"
+
+
+def load_or_compute(name: str, params: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Return the saved result of ``compute()`` for these ``params``, computing and saving it if absent.
+
+    ``compute`` returns a dict of tensors, numbers, strings and lists/dicts of them (what
+    ``torch.load(weights_only=True)`` accepts). Files are written atomically.
+    """
+    path = artifact_path(name, params)
+    if path.is_file():
+        return read_checkpoint(path)["result"]
+    result = compute()
+    save_checkpoint(path, {"result": result, "params": {k: str(v) for k, v in params.items()}})
+    return result
+
+
+def state_hash(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """A short hash of a model's weights and buffers (names, dtypes, shapes and bytes).
+
+    Two models hash alike exactly when their state dicts are bit-identical, so results computed
+    from a model can be cached under its hash.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    h = hashlib.sha1()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration and data
+
+
+def chapter_config(profile: str = "book", **overrides: Any) -> RiftConfig:
+    """The resolved :class:`RiftConfig` of a chapter: ``PROFILES[profile]`` with ``overrides`` on top.
+
+    Overrides that are None keep the profile's value, so a notebook can pass all of its
+    parameters and leave the ones it does not set at None. ``model_name`` is accepted for
+    ``model``. Progress bars are off unless ``progress=True`` is passed. Example::
+
+        cfg = chapter_config("book")                                  # the offline CPU profile
+        cfg = chapter_config("paper", dataset="cifar10", download=True)  # the paper's settings
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    if "model_name" in overrides:
+        overrides["model"] = overrides.pop("model_name")
+    fields = {f.name for f in dataclasses.fields(RiftConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown setting {unknown[0]!r}; valid settings: {', '.join(sorted(fields))}")
+    values = {"progress": False, **PROFILES[profile], **{k: v for k, v in overrides.items() if v is not None}}
+    return RiftConfig(**values).resolved()
+
+
+def config_summary(cfg: RiftConfig, splits: DataSplits | None = None) -> pd.DataFrame:
+    """The settings a reader needs to know, as a two-column table (setting, value)."""
+    rows = [
+        ("dataset", cfg.dataset),
+        ("model", f"{cfg.model} (width {cfg.width if cfg.width is not None else 'default'})"),
+        ("threat model", f"l_inf, eps {cfg.eps:.4f} = {cfg.eps * 255:.1f}/255"),
+        ("adversarial training", f"{cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (step {cfg.at_attack_step:.4f}), lr {cfg.at_lr}"),
+        ("robust evaluation", f"PGD-{cfg.eval_steps} (step {cfg.step:.4f}), worst of {cfg.eval_restarts} on test, {cfg.val_restarts} on validation"),
+        ("MRC", f"{cfg.mrc_examples} training examples, eps {cfg.mrc_eps}, {cfg.mrc_passes} passes"),
+        ("fine-tuning", f"{cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.batch_size}"),
+        ("interpolation", f"alpha in {list(cfg.alphas)}, robust threshold {cfg.threshold} points"),
+    ]
+    if splits is not None:
+        sizes = splits.sizes()
+        rows.insert(1, ("images (train / val / test)", f"{sizes['train']} / {sizes['val']} / {sizes['test']}"))
+    return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
+
+
+def load_data(cfg: RiftConfig) -> DataSplits:
+    """The train / validation / test splits ``cfg`` describes (subsets included)."""
+    return prepare(cfg)[0]
+
+
+def loaders(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> dict[str, Batches]:
+    """Batches as the pipeline uses them: ``train`` (shuffled, crop + flip), ``val`` and ``test``."""
+    info = splits.info
+    return {
+        "train": Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=cfg.seed),
+        "val": Batches(splits.val, cfg.eval_batch_size, device=device),
+        "test": Batches(splits.test, cfg.eval_batch_size, device=device),
+    }
+
+
+def class_names(dataset: str, num_classes: int = 10) -> list[str]:
+    """Human-readable class names (Fashion-MNIST, CIFAR-10), else the class indices as text."""
+    names = _CLASS_NAMES.get(dataset.removeprefix("synthetic-"))
+    return list(names) if names is not None and len(names) == num_classes else [str(i) for i in range(num_classes)]
+
+
+def _data_key(cfg: RiftConfig) -> dict[str, Any]:
+    return {"dataset": cfg.dataset, "val_size": cfg.val_size, "train_subset": cfg.train_subset, "val_subset": cfg.val_subset,
+            "test_subset": cfg.test_subset, "synthetic_sizes": cfg.synthetic_sizes}
+
+
+def _device_type(device: torch.device | str) -> str:
+    return torch.device(device).type
+
+
+def _frame(records: Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+    return pd.DataFrame(records)
+
+
+def _records(frame: pd.DataFrame) -> dict[str, list[Any]]:
+    """A DataFrame as plain lists (what a weights-only checkpoint can hold)."""
+    return {c: [v.item() if hasattr(v, "item") else v for v in frame[c].tolist()] for c in frame.columns}
+
+
+# ----------------------------------------------------------------------------------------------
+# The expensive steps, cached
+
+
+def _train_history_with_train_accuracy(cfg: RiftConfig, model: nn.Module, batches: dict[str, Batches],
+                                       train_eval: Batches, milestones: list[int]) -> tuple[list[dict[str, float]], int]:
+    """Adversarial training one epoch at a time (riftlab's resume), measuring each epoch's model on
+    a fixed subset of the training data as well, so that train and validation curves can be drawn.
+
+    Resuming from ``last.pt`` gives exactly the run an uninterrupted ``adversarial_train`` would."""
+    history: list[dict[str, float]] = []
+    result = None
+    probe = copy.deepcopy(model)
+    with tempfile.TemporaryDirectory(prefix="riftlab-at-") as tmp:
+        for epoch in range(1, cfg.at_epochs + 1):
+            result = adversarial_train(model, batches["train"], batches["val"], epochs=epoch, lr=cfg.at_lr, milestones=milestones,
+                                       eps=cfg.eps, step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps,
+                                       eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=tmp, resume=True)
+            probe.load_state_dict(read_checkpoint(Path(tmp) / "last.pt")["model_state"])  # this epoch's weights, not the best so far
+            train_acc = evaluate(probe, train_eval, cfg.eps, cfg.step, cfg.eval_steps, 1, seed=cfg.seed)
+            record = dict(result.history[-1])
+            record["train_attack_acc"] = record.pop("train_robust_acc")
+            record["train_clean_acc"], record["train_robust_acc"] = train_acc["clean_acc"], train_acc["robust_acc"]
+            history.append(record)
+    assert result is not None
+    return history, result.best_epoch
+
+
+def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | str, train_eval_size: int = 300) -> dict[str, Any]:
+    """The AT model and a standard-trained model of the same architecture, with their histories.
+
+    AT is ``adversarial_train`` with ``cfg``'s recipe (PGD-``at_attack_steps`` examples); the
+    standard model gets the same schedule on clean images (``attack_steps=0``). Each keeps its
+    best epoch on validation (robust accuracy for AT, clean accuracy for standard training).
+    The AT history has, per epoch: ``train_attack_acc`` (accuracy on the PGD examples it trained
+    on, while training), ``train_clean_acc`` / ``train_robust_acc`` (the epoch's model on
+    ``train_eval_size`` fixed training images, PGD-``eval_steps``) and ``val_clean_acc`` /
+    ``val_robust_acc``.
+
+    Cached under the data, architecture, seed, training recipe and device type: the first call
+    trains (minutes), later calls with the same settings load (a second).
+
+    Returns:
+        ``{"at": model, "standard": model, "at_history": DataFrame, "standard_history": DataFrame,
+        "at_best_epoch": int, "standard_best_epoch": int}``; models in eval mode on ``device``.
+    """
+    params = {**_data_key(cfg), "model": cfg.model, "width": cfg.width, "seed": cfg.seed, "batch_size": cfg.batch_size,
+              "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step,
+              "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "train_eval_size": train_eval_size,
+              "device": _device_type(device), "riftlab": __version__}
+
+    def compute() -> dict[str, Any]:
+        batches = loaders(cfg, splits, device)
+        milestones = milestones_for(cfg.at_epochs, 110, (100, 105))
+        train_eval = Batches(splits.train.subset(train_eval_size, seed=cfg.seed + 7), cfg.eval_batch_size, device=device)
+        seed_everything(cfg.seed)
+        at = build_for(cfg, splits).to(device)
+        at_history, at_best = _train_history_with_train_accuracy(cfg, at, batches, train_eval, milestones)
+        seed_everything(cfg.seed)
+        standard = build_for(cfg, splits).to(device)
+        std = adversarial_train(standard, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=milestones,
+                                attack_steps=0, seed=cfg.seed)
+        return {"at": _cpu_state(at), "standard": _cpu_state(standard), "at_history": at_history, "standard_history": std.history,
+                "at_best_epoch": at_best, "standard_best_epoch": std.best_epoch}
+
+    saved = load_or_compute("models", params, compute)
+    out: dict[str, Any] = {}
+    for key in ("at", "standard"):
+        model = build_for(cfg, splits)
+        model.load_state_dict(saved[key])
+        out[key] = model.to(device).eval()
+        out[f"{key}_history"] = _frame(saved[f"{key}_history"])
+        out[f"{key}_best_epoch"] = int(saved[f"{key}_best_epoch"])
+    return out
+
+
+def _cpu_state(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def evaluation(cfg: RiftConfig, model: nn.Module, split: str, splits: DataSplits, device: torch.device | str,
+               restarts: int | None = None) -> dict[str, float]:
+    """Clean and PGD-``eval_steps`` robust accuracy (percent) of ``model`` on ``split`` (``val``/``test``).
+
+    ``restarts`` defaults to ``cfg.eval_restarts`` on test and ``cfg.val_restarts`` on validation,
+    with the pipeline's attack seeds (``seed + 1`` on test, ``seed`` on validation, the seed the
+    interpolation curve uses). Cached under the model's weights (:func:`state_hash`), so any model
+    is attacked once however many chapters report it.
+    """
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    restarts = restarts or (cfg.eval_restarts if split == "test" else cfg.val_restarts)
+    seed = cfg.seed + 1 if split == "test" else cfg.seed
+    params = {**_data_key(cfg), "split": split, "model": state_hash(model), "eps": cfg.eps, "step": cfg.step,
+              "steps": cfg.eval_steps, "restarts": restarts, "seed": seed, "batch": cfg.eval_batch_size,
+              "device": _device_type(device), "riftlab": __version__}
+
+    def compute() -> dict[str, Any]:
+        batches = Batches(getattr(splits, split), cfg.eval_batch_size, device=device)
+        return evaluate(model, batches, cfg.eps, cfg.step, cfg.eval_steps, restarts, seed=seed)
+
+    return dict(load_or_compute("eval", params, compute))
+
+
+def mrc_table(cfg: RiftConfig, model: nn.Module, splits: DataSplits, device: torch.device | str) -> pd.DataFrame:
+    """Module robust criticality of every Conv2d / Linear weight of ``model``, lowest first.
+
+    As in :func:`riftlab.run_rift`: PGD-``eval_steps`` adversarial examples are crafted once from
+    ``cfg.mrc_examples`` *training* images and held fixed; then
+    :func:`riftlab.module_robust_criticality` (radius ``mrc_eps`` relative to each weight's norm,
+    ``mrc_passes`` passes). Cached under the model's weights and the MRC settings.
+    """
+    params = {**_data_key(cfg), "model": state_hash(model), "seed": cfg.seed, "mrc_examples": cfg.mrc_examples, "mrc_eps": cfg.mrc_eps,
+              "mrc_passes": cfg.mrc_passes, "mrc_step_size": cfg.mrc_step_size, "eps": cfg.eps, "step": cfg.step,
+              "eval_steps": cfg.eval_steps, "batch": cfg.eval_batch_size, "device": _device_type(device), "riftlab": __version__}
+
+    def compute() -> dict[str, Any]:
+        source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
+        adv = adversarial_set(model, source, cfg.eps, cfg.step, cfg.eval_steps, seed=cfg.seed)
+        return _records(module_robust_criticality(model, adv, eps=cfg.mrc_eps, passes=cfg.mrc_passes, step_size=cfg.mrc_step_size))
+
+    return _frame(load_or_compute("mrc", params, compute))
+
+
+def finetuned(cfg: RiftConfig, model: nn.Module, module: str, splits: DataSplits, device: torch.device | str) -> dict[str, Any]:
+    """Fine-tune one choice of weights of the AT ``model`` on clean data, then interpolate.
+
+    ``module`` is a Conv2d / Linear name (only that weight trains, with
+    :func:`riftlab.finetune_module`: every BatchNorm keeps the AT statistics unless
+    ``cfg.update_bn_stats``) or :data:`ALL_LAYERS` (every parameter trains, BatchNorm in train
+    mode, as the paper's "all layers" baseline; done with ``adversarial_train(attack_steps=0)``).
+    Both use ``cfg.ft_epochs`` epochs at ``cfg.ft_lr`` (x0.1 halfway), keep the fine-tuned epoch
+    with the best validation clean accuracy, and are followed by the same interpolation:
+    :func:`riftlab.interpolation_curve` on validation and :func:`riftlab.select_alpha`.
+    ``model`` itself is not modified. Cached under the AT model's weights and these settings.
+
+    Returns:
+        ``{"module", "model" (fine-tuned, eval mode), "history" (DataFrame: epoch, lr, train_loss,
+        val_clean_acc), "best_epoch", "trained_params", "curve" (DataFrame: alpha, clean_acc,
+        robust_acc on validation), "choice" (select_alpha's dict)}``.
+    """
+    names = [n for n, _ in weight_modules(model)]
+    if module != ALL_LAYERS and module not in names:
+        raise ValueError(f"unknown module {module!r}; valid choices: {ALL_LAYERS!r}, {', '.join(names)}")
+    milestones = [max(1, cfg.ft_epochs // 2)]
+    params = {**_data_key(cfg), "model": state_hash(model), "module": module, "seed": cfg.seed, "batch_size": cfg.batch_size,
+              "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "milestones": milestones, "update_bn_stats": cfg.update_bn_stats,
+              "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "val_restarts": cfg.val_restarts, "alphas": list(cfg.alphas),
+              "threshold": cfg.threshold, "batch": cfg.eval_batch_size, "device": _device_type(device), "riftlab": __version__}
+
+    def compute() -> dict[str, Any]:
+        batches = loaders(cfg, splits, device)
+        seed_everything(cfg.seed)
+        if module == ALL_LAYERS:
+            tuned = copy.deepcopy(model)
+            result = adversarial_train(tuned, batches["train"], batches["val"], epochs=cfg.ft_epochs, lr=cfg.ft_lr, milestones=milestones,
+                                       attack_steps=0, seed=cfg.seed)
+            start = {"epoch": 0, "lr": cfg.ft_lr, "train_loss": float("nan"), "val_clean_acc": accuracy(model, batches["val"])}
+            history = [start] + [{k: r[k] for k in ("epoch", "lr", "train_loss", "val_clean_acc")} for r in result.history]
+            best_epoch, trained = result.best_epoch, sum(p.numel() for p in model.parameters())
+        else:
+            ft = finetune_module(model, module, batches["train"], batches["val"], epochs=cfg.ft_epochs, lr=cfg.ft_lr,
+                                 update_bn_stats=cfg.update_bn_stats, milestones=milestones)
+            tuned, history, best_epoch = ft.model, ft.history, ft.best_epoch
+            trained = dict(weight_modules(model))[module].weight.numel()
+        theta_at = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        # alpha = 0 is the AT model itself: its row is the (cached) validation evaluation, shared by every choice,
+        # and equal to what interpolation_curve would compute for it (same batches, same attack seed).
+        base = evaluation(cfg, model, "val", splits, device, restarts=cfg.val_restarts)
+        curve = pd.DataFrame([{"alpha": 0.0, "clean_acc": base["clean_acc"], "robust_acc": base["robust_acc"]}])
+        others = [a for a in cfg.alphas if a != 0.0]
+        if others:
+            rest = interpolation_curve(model, theta_at, tuned.state_dict(), batches["val"], cfg.eps, cfg.step, cfg.eval_steps,
+                                       cfg.val_restarts, others, seed=cfg.seed)
+            curve = pd.concat([curve, rest], ignore_index=True).sort_values("alpha", kind="stable").reset_index(drop=True)
+        return {"state": _cpu_state(tuned), "history": [dict(r) for r in history], "best_epoch": int(best_epoch), "trained_params": int(trained),
+                "curve": _records(curve), "choice": select_alpha(curve, cfg.threshold)}
+
+    saved = load_or_compute("finetuned", params, compute)
+    tuned = copy.deepcopy(model)
+    tuned.load_state_dict(saved["state"])
+    return {"module": module, "model": tuned.eval(), "history": _frame(saved["history"]), "best_epoch": saved["best_epoch"],
+            "trained_params": saved["trained_params"], "curve": _frame(saved["curve"]), "choice": dict(saved["choice"])}
+
+
+def rift(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> dict[str, Any]:
+    """The whole of RiFT from the cached steps: AT model, MRC, fine-tuned module, chosen alpha.
+
+    The module is ``cfg.ft_module`` or the least robust-critical one; alpha is chosen on
+    validation. Returns :func:`trained_models`'s dict plus ``mrc`` (DataFrame), ``module``,
+    ``finetuned`` (:func:`finetuned`'s dict), ``alpha``, ``choice`` and ``rift`` (the interpolated
+    model, eval mode).
+    """
+    out = trained_models(cfg, splits, device)
+    at = out["at"]
+    out["mrc"] = mrc_table(cfg, at, splits, device)
+    out["module"] = cfg.ft_module or str(out["mrc"]["module"].iloc[0])
+    ft = finetuned(cfg, at, out["module"], splits, device)
+    out["finetuned"], out["choice"], out["alpha"] = ft, ft["choice"], ft["choice"]["alpha"]
+    model = copy.deepcopy(at)
+    model.load_state_dict(interpolate(at.state_dict(), ft["model"].state_dict(), out["alpha"]))
+    out["rift"] = model.eval()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+
+
+def plot_attacks(x: torch.Tensor, y: torch.Tensor, adversarial: Mapping[str, torch.Tensor], predictions: Mapping[str, Sequence[int]],
+                 names: Sequence[str], eps: float, clean_predictions: Mapping[str, Sequence[int]] | None = None):
+    """A grid with one row per image: the clean image, then for each model the perturbation
+    (magnified to fill the colour range: mid-grey is 0, black / white are -eps / +eps) and the
+    adversarial image, titled with the model's prediction. Returns the matplotlib figure.
+
+    Args:
+        x: clean images (N, C, H, W) in [0, 1]; y: labels (N,).
+        adversarial: model label -> adversarial images for that model (N, C, H, W).
+        predictions: model label -> predicted classes on the adversarial images.
+        names: class names. eps: the attack's l_inf radius (pixel units).
+        clean_predictions: model label -> predicted classes on the clean images (shown under the clean image).
+    """
+    import matplotlib.pyplot as plt
+
+    n, labels = len(x), list(adversarial)
+    fig, axes = plt.subplots(n, 1 + 2 * len(labels), figsize=(1.9 * (1 + 2 * len(labels)), 2.0 * n), squeeze=False)
+
+    def show(ax, img, title, color="black", cmap="gray", vmin=0.0, vmax=1.0):
+        img = img.detach().cpu()
+        ax.imshow(img[0] if img.shape[0] == 1 else img.permute(1, 2, 0), cmap=cmap if img.shape[0] == 1 else None, vmin=vmin, vmax=vmax)
+        ax.set_title(title, fontsize=8, color=color)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+    for i in range(n):
+        truth = names[int(y[i])]
+        clean_note = ""
+        if clean_predictions:
+            clean_note = "\n" + ", ".join(f"{k}: {names[int(p[i])]}" for k, p in clean_predictions.items())
+        show(axes[i, 0], x[i], f"clean: {truth}{clean_note}")
+        for j, label in enumerate(labels):
+            delta = (adversarial[label][i].cpu() - x[i].cpu()) / (2 * eps) + 0.5  # [-eps, eps] -> [0, 1]
+            show(axes[i, 1 + 2 * j], delta, f"perturbation ({label})")
+            pred = int(predictions[label][i])
+            show(axes[i, 2 + 2 * j], adversarial[label][i], f"{label} says: {names[pred]}", color="tab:green" if pred == int(y[i]) else "tab:red")
+    fig.tight_layout()
+    return fig

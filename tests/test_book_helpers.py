@@ -1,0 +1,262 @@
+"""The book's helpers (riftlab.book): configuration, glue, and load-or-compute caching of every step.
+
+Tiny synthetic configurations keep these to seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import riftlab
+from riftlab import PROFILES, RiftConfig, book, interpolate, interpolation_curve, Batches
+
+TINY = dict(dataset="synthetic-cifar10", synthetic_sizes=(400, 100), val_size=100, train_subset=160, val_subset=60, test_subset=60,
+            width=4, batch_size=32, eval_batch_size=64, at_epochs=2, at_attack_steps=1, at_attack_step=4 / 255, eval_steps=2,
+            mrc_examples=32, mrc_passes=1, ft_epochs=2, ft_lr=0.01, alphas=(0.0, 0.5, 1.0))
+
+
+def tiny_config(**overrides) -> RiftConfig:
+    return book.chapter_config("book", **{**TINY, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Artifacts of one tiny run, computed once for the module (the AT model, MRC, one fine-tuning)."""
+    folder = tmp_path_factory.mktemp("artifacts")
+    # book.setup changes process-wide settings: restore them for the other test modules
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("RIFTLAB_ARTIFACTS", str(folder))
+            cfg = tiny_config()
+            device = book.setup(cfg.seed, "cpu")
+            assert torch.get_num_threads() == 1
+            splits = book.load_data(cfg)
+            models = book.trained_models(cfg, splits, device, train_eval_size=40)
+            yield {"cfg": cfg, "device": device, "splits": splits, "models": models, "dir": folder}
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+@pytest.fixture
+def artifacts(tmp_path, monkeypatch):
+    monkeypatch.setenv("RIFTLAB_ARTIFACTS", str(tmp_path))
+    return tmp_path
+
+
+def _forbid(monkeypatch, name):
+    """Make riftlab.book's ``name`` fail if called: a cached result must not recompute."""
+    def fail(*args, **kwargs):
+        raise AssertionError(f"{name} was called although its result is cached")
+    monkeypatch.setattr(book, name, fail)
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+
+def test_book_profile_is_the_offline_fashion_mnist_profile():
+    cfg = book.chapter_config("book")
+    assert cfg.dataset == "fashion-mnist" and cfg.width == PROFILES["book"]["width"]
+    assert cfg.progress is False
+    assert cfg.eps == pytest.approx(riftlab.dataset_info("fashion-mnist").eps)
+    assert 0 < cfg.at_attack_step <= cfg.eps  # the training attack's step fits the dataset's ball
+    assert cfg.train_subset and cfg.val_subset and cfg.test_subset  # small subsets, not the full sets
+
+
+def test_chapter_config_none_keeps_the_profile_and_values_win():
+    cfg = book.chapter_config("book", dataset=None, width=None, at_epochs=2, seed=3, model_name="preact_resnet18")
+    assert cfg.dataset == PROFILES["book"]["dataset"] and cfg.width == PROFILES["book"]["width"]
+    assert (cfg.at_epochs, cfg.seed, cfg.model) == (2, 3, "preact_resnet18")
+
+
+def test_chapter_config_paper_profile_is_the_default_recipe():
+    cfg = book.chapter_config("paper", dataset="cifar10", download=True, width=None, train_subset=None)
+    default = RiftConfig(dataset="cifar10", download=True, progress=False).resolved()
+    assert cfg == default
+    assert cfg.eps == pytest.approx(8 / 255) and cfg.at_epochs == 110 and cfg.width is None and cfg.train_subset is None
+
+
+def test_chapter_config_rejects_unknown_names():
+    with pytest.raises(ValueError, match="unknown profile 'gpu'"):
+        book.chapter_config("gpu")
+    with pytest.raises(ValueError, match="unknown setting 'epochs'"):
+        book.chapter_config("book", epochs=3)
+
+
+def test_config_summary_lists_the_settings():
+    cfg = tiny_config()
+    table = book.config_summary(cfg, book.load_data(cfg))
+    assert table.loc["images (train / val / test)", "value"] == "160 / 60 / 60"
+    assert "PGD-1" in table.loc["adversarial training", "value"]
+
+
+def test_class_names():
+    assert book.class_names("fashion-mnist")[9] == "Ankle boot"
+    assert book.class_names("synthetic-cifar10")[0] == "airplane"
+    assert book.class_names("cifar100", 100)[42] == "42"
+
+
+# ----------------------------------------------------------------------------------------------
+# glue and caching primitives
+
+
+def test_glue_rounds_and_converts_numbers():
+    assert book.glue("x", 12.34567) == 12.35
+    assert book.glue("x", np.float64(1.0 / 3.0), digits=1) == 0.3 and type(book.glue("x", np.float32(2.5))) is float
+    assert book.glue("x", torch.tensor(7)) == 7 and book.glue("x", np.int64(3)) == 3 and type(book.glue("x", np.int64(3))) is int
+    assert book.glue("x", "layer2.1.conv2") == "layer2.1.conv2"
+
+
+def test_load_or_compute_loads_the_second_time_and_keys_by_params(artifacts):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"value": torch.arange(3), "n": len(calls)}
+
+    first = book.load_or_compute("thing", {"a": 1}, compute)
+    second = book.load_or_compute("thing", {"a": 1}, compute)
+    assert len(calls) == 1 and second["n"] == 1 and torch.equal(first["value"], second["value"])
+    book.load_or_compute("thing", {"a": 2}, compute)
+    assert len(calls) == 2
+    assert book.artifact_path("thing", {"a": 1}) != book.artifact_path("thing", {"a": 2})
+    assert sorted(p.parent for p in artifacts.glob("thing-*.pt")) == [artifacts, artifacts]  # RIFTLAB_ARTIFACTS honoured
+
+
+def test_artifact_dir_defaults_to_the_repository(monkeypatch, tmp_path):
+    monkeypatch.delenv("RIFTLAB_ARTIFACTS", raising=False)
+    (tmp_path / "pyproject.toml").write_text("")
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    assert book.artifact_dir() == tmp_path / "artifacts"
+
+
+def test_state_hash_follows_the_weights():
+    model = riftlab.build_model("resnet18", 10, 3, 32, 4)
+    copy = riftlab.build_model("resnet18", 10, 3, 32, 4)
+    copy.load_state_dict(model.state_dict())
+    assert book.state_hash(model) == book.state_hash(copy) == book.state_hash(model.state_dict())
+    with torch.no_grad():
+        copy.linear.bias[0] += 1e-6
+    assert book.state_hash(model) != book.state_hash(copy)
+
+
+# ----------------------------------------------------------------------------------------------
+# the cached steps
+
+
+def test_trained_models(shared, monkeypatch):
+    cfg, splits, device, models = shared["cfg"], shared["splits"], shared["device"], shared["models"]
+    hist = models["at_history"]
+    assert list(hist["epoch"]) == [1, 2]
+    for col in ("train_attack_acc", "train_clean_acc", "train_robust_acc", "val_clean_acc", "val_robust_acc"):
+        assert hist[col].between(0, 100).all(), col
+    assert (hist["train_robust_acc"] <= hist["train_clean_acc"]).all() and (hist["val_robust_acc"] <= hist["val_clean_acc"]).all()
+    assert "val_clean_acc" in models["standard_history"] and models["at_best_epoch"] in (1, 2)
+    assert not models["at"].training and book.state_hash(models["at"]) != book.state_hash(models["standard"])
+    assert len(list(shared["dir"].glob("models-*.pt"))) == 1
+
+    # the second call loads: no training at all, the same weights
+    _forbid(monkeypatch, "adversarial_train")
+    again = book.trained_models(cfg, splits, device, train_eval_size=40)
+    assert book.state_hash(again["at"]) == book.state_hash(models["at"])
+    assert book.state_hash(again["standard"]) == book.state_hash(models["standard"])
+    pd.testing.assert_frame_equal(again["at_history"], hist)
+    monkeypatch.undo()
+
+    # other parameters, another file
+    other = tiny_config(seed=1, at_epochs=1)
+    book.trained_models(other, splits, device, train_eval_size=40)
+    assert len(list(shared["dir"].glob("models-*.pt"))) == 2
+
+
+def test_epochwise_training_equals_one_run(shared):
+    """The AT model trained one epoch at a time (to measure each epoch) is the one an uninterrupted run gives."""
+    cfg, splits, device = shared["cfg"], shared["splits"], shared["device"]
+    riftlab.book.seed_everything(cfg.seed)
+    model = riftlab.pipeline.build_for(cfg, splits)
+    batches = book.loaders(cfg, splits, device)
+    result = riftlab.adversarial_train(model, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr,
+                                       milestones=riftlab._util.milestones_for(cfg.at_epochs, 110, (100, 105)), eps=cfg.eps,
+                                       step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed)
+    assert book.state_hash(model) == book.state_hash(shared["models"]["at"])
+    assert [r["val_robust_acc"] for r in result.history] == list(shared["models"]["at_history"]["val_robust_acc"])
+
+
+def test_evaluation_is_cached_by_weights(shared, monkeypatch):
+    cfg, splits, device, at = shared["cfg"], shared["splits"], shared["device"], shared["models"]["at"]
+    first = book.evaluation(cfg, at, "test", splits, device)
+    assert first["n"] == 60 and first["restarts"] == cfg.eval_restarts and first["robust_acc"] <= first["clean_acc"]
+    direct = riftlab.evaluate(at, Batches(splits.test, cfg.eval_batch_size), cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts,
+                              seed=cfg.seed + 1)
+    assert first == direct
+    _forbid(monkeypatch, "evaluate")
+    assert book.evaluation(cfg, at, "test", splits, device) == first
+    with pytest.raises(AssertionError, match="cached"):  # another model is another entry
+        book.evaluation(cfg, shared["models"]["standard"], "test", splits, device)
+    with pytest.raises(ValueError, match="split"):
+        book.evaluation(cfg, at, "train", splits, device)
+
+
+def test_mrc_table(shared, monkeypatch):
+    cfg, splits, device, at = shared["cfg"], shared["splits"], shared["device"], shared["models"]["at"]
+    before = book.state_hash(at)
+    table = book.mrc_table(cfg, at, splits, device)
+    assert list(table["module"]) == sorted(table["module"], key=dict(zip(table["module"], table["mrc"])).get)
+    assert set(table["module"]) == {n for n, _ in riftlab.weight_modules(at)}
+    assert (table["relative_change"] <= cfg.mrc_eps + 1e-5).all() and book.state_hash(at) == before
+    _forbid(monkeypatch, "module_robust_criticality")
+    pd.testing.assert_frame_equal(book.mrc_table(cfg, at, splits, device), table)
+
+
+def test_finetuned_one_module(shared, monkeypatch):
+    cfg, splits, device, at = shared["cfg"], shared["splits"], shared["device"], shared["models"]["at"]
+    before = book.state_hash(at)
+    ft = book.finetuned(cfg, at, "layer2.1.conv2", splits, device)
+    assert book.state_hash(at) == before  # the AT model is not touched
+    a, b = at.state_dict(), ft["model"].state_dict()
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert changed == ["layer2.1.conv2.weight"]  # only that weight; BatchNorm statistics stay frozen
+    assert ft["trained_params"] == a["layer2.1.conv2.weight"].numel()
+    assert list(ft["history"]["epoch"]) == [0, 1, 2] and ft["best_epoch"] in (1, 2)
+    # the curve (alpha = 0 taken from the shared validation evaluation) is interpolation_curve's
+    full = interpolation_curve(at, a, b, Batches(splits.val, cfg.eval_batch_size), cfg.eps, cfg.step, cfg.eval_steps,
+                               cfg.val_restarts, cfg.alphas, seed=cfg.seed)
+    pd.testing.assert_frame_equal(ft["curve"], full)
+    assert ft["choice"] == riftlab.select_alpha(full, cfg.threshold)
+    _forbid(monkeypatch, "finetune_module")
+    _forbid(monkeypatch, "interpolation_curve")
+    again = book.finetuned(cfg, at, "layer2.1.conv2", splits, device)
+    assert book.state_hash(again["model"]) == book.state_hash(ft["model"]) and again["choice"] == ft["choice"]
+
+
+def test_finetuned_all_layers_and_errors(shared):
+    cfg, splits, device, at = shared["cfg"], shared["splits"], shared["device"], shared["models"]["at"]
+    ft = book.finetuned(cfg, at, book.ALL_LAYERS, splits, device)
+    a, b = at.state_dict(), ft["model"].state_dict()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert "conv1.weight" in changed and "linear.weight" in changed and "bn1.running_mean" in changed
+    assert ft["trained_params"] == sum(p.numel() for p in at.parameters())
+    assert ft["history"]["epoch"].tolist() == [0, 1, 2] and math.isnan(ft["history"]["train_loss"].iloc[0])
+    assert ft["curve"]["alpha"].tolist() == list(cfg.alphas)
+    with pytest.raises(ValueError, match="unknown module 'conv'"):
+        book.finetuned(cfg, at, "conv", splits, device)
+
+
+def test_rift_assembles_the_cached_steps(shared):
+    cfg, splits, device = shared["cfg"], shared["splits"], shared["device"]
+    out = book.rift(cfg, splits, device)
+    assert out["module"] == out["mrc"]["module"].iloc[0]
+    assert out["alpha"] == out["choice"]["alpha"] == out["finetuned"]["choice"]["alpha"]
+    expected = interpolate(out["at"].state_dict(), out["finetuned"]["model"].state_dict(), out["alpha"])
+    assert book.state_hash(out["rift"]) == book.state_hash(expected)
+    fixed = book.rift(tiny_config(ft_module="linear"), splits, device)
+    assert fixed["module"] == "linear"
