@@ -257,7 +257,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "finetune":
-        from .finetune import finetune_module
+        from .finetune import finetune_module, get_weight_module
 
         path = _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
         meta = _meta_of(path)
@@ -268,6 +268,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             module = str(pd.read_csv(mrc_csv)["module"].iloc[0])
         splits, device = prepare(cfg)
         model = _load_model(cfg, splits, path, device)
+        get_weight_module(model, module)  # a misspelt name is the error to report, not an earlier run in ft/
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         ft = finetune_module(model, module, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
