@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ from .training import adversarial_train
 __all__ = [
     "setup", "glue", "artifact_dir", "artifact_path", "load_or_compute", "round_floats", "chapter_config", "config_summary",
     "load_data", "loaders", "state_hash", "trained_models", "evaluation", "mrc_table", "finetuned", "rift", "class_names",
-    "ALL_LAYERS", "plot_attacks",
+    "ALL_LAYERS", "plot_attacks", "code_version",
 ]
 
 #: The name :func:`finetuned` accepts for fine-tuning every layer (the paper's Table 3 baseline).
@@ -89,12 +90,16 @@ def _plain(value: Any, digits: int) -> Any:
     return value
 
 
-def glue(name: str, value: Any, display: bool = False, digits: int = 2) -> Any:
-    """Make ``value`` available to the book's prose as ``{glue:text}`name```; returns the value glued.
+def glue(name: str, value: Any, display: bool = False, digits: int = 2) -> None:
+    """Make ``value`` available to the book's prose as ``{glue:text}`name```.
 
     Numbers are converted to plain Python numbers and floats are rounded to ``digits`` decimals,
     so the prose and the stored outputs are stable. With myst-nb installed this is
     ``myst_nb.glue``; without it (e.g. on Colab) the value is printed when ``display`` is true.
+
+    Returns None on purpose: a cell ending in a ``glue(...)`` call then has no result to show. (A
+    trailing semicolon is not enough: nbval executes cells without storing history, and IPython
+    then shows the result anyway.)
     """
     value = _plain(value, digits)
     try:
@@ -102,9 +107,9 @@ def glue(name: str, value: Any, display: bool = False, digits: int = 2) -> Any:
     except ImportError:
         if display:
             print(f"{name}: {value}")
-        return value
+        return None
     _glue(name, value, display=display)
-    return value
+    return None
 
 
 def round_floats(obj: Any, digits: int = 2) -> Any:
@@ -152,6 +157,20 @@ def load_or_compute(name: str, params: dict[str, Any], compute: Callable[[], dic
     result = compute()
     save_checkpoint(path, {"result": result, "params": {k: str(v) for k, v in params.items()}})
     return result
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """A short hash of riftlab's own source files.
+
+    Part of every cache key, so that artifacts computed by another version of the code (a changed
+    training loop, attack or default) are never reused: editing riftlab invalidates the cache.
+    """
+    h = hashlib.sha1(__version__.encode())
+    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def state_hash(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -301,7 +320,7 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
     params = {**_data_key(cfg), "model": cfg.model, "width": cfg.width, "seed": cfg.seed, "batch_size": cfg.batch_size,
               "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step,
               "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "train_eval_size": train_eval_size,
-              "device": _device_type(device), "riftlab": __version__}
+              "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         batches = loaders(cfg, splits, device)
@@ -348,7 +367,7 @@ def evaluation(cfg: RiftConfig, model: nn.Module, split: str, splits: DataSplits
     seed = cfg.seed + 1 if split == "test" else cfg.seed
     params = {**_data_key(cfg), "split": split, "model": state_hash(model), "eps": cfg.eps, "step": cfg.step,
               "steps": cfg.eval_steps, "restarts": restarts, "seed": seed, "batch": cfg.eval_batch_size,
-              "device": _device_type(device), "riftlab": __version__}
+              "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         batches = Batches(getattr(splits, split), cfg.eval_batch_size, device=device)
@@ -367,7 +386,7 @@ def mrc_table(cfg: RiftConfig, model: nn.Module, splits: DataSplits, device: tor
     """
     params = {**_data_key(cfg), "model": state_hash(model), "seed": cfg.seed, "mrc_examples": cfg.mrc_examples, "mrc_eps": cfg.mrc_eps,
               "mrc_passes": cfg.mrc_passes, "mrc_step_size": cfg.mrc_step_size, "eps": cfg.eps, "step": cfg.step,
-              "eval_steps": cfg.eval_steps, "batch": cfg.eval_batch_size, "device": _device_type(device), "riftlab": __version__}
+              "eval_steps": cfg.eval_steps, "batch": cfg.eval_batch_size, "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
@@ -401,7 +420,7 @@ def finetuned(cfg: RiftConfig, model: nn.Module, module: str, splits: DataSplits
     params = {**_data_key(cfg), "model": state_hash(model), "module": module, "seed": cfg.seed, "batch_size": cfg.batch_size,
               "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "milestones": milestones, "update_bn_stats": cfg.update_bn_stats,
               "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "val_restarts": cfg.val_restarts, "alphas": list(cfg.alphas),
-              "threshold": cfg.threshold, "batch": cfg.eval_batch_size, "device": _device_type(device), "riftlab": __version__}
+              "threshold": cfg.threshold, "batch": cfg.eval_batch_size, "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         batches = loaders(cfg, splits, device)

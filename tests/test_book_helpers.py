@@ -108,11 +108,22 @@ def test_class_names():
 # glue and caching primitives
 
 
-def test_glue_rounds_and_converts_numbers():
-    assert book.glue("x", 12.34567) == 12.35
-    assert book.glue("x", np.float64(1.0 / 3.0), digits=1) == 0.3 and type(book.glue("x", np.float32(2.5))) is float
-    assert book.glue("x", torch.tensor(7)) == 7 and book.glue("x", np.int64(3)) == 3 and type(book.glue("x", np.int64(3))) is int
-    assert book.glue("x", "layer2.1.conv2") == "layer2.1.conv2"
+def test_glue_rounds_and_converts_numbers(monkeypatch):
+    myst_nb = pytest.importorskip("myst_nb")
+    glued = {}
+    monkeypatch.setattr(myst_nb, "glue", lambda name, value, display=True: glued.__setitem__(name, (value, display)))
+
+    def value(v, **kw):
+        assert book.glue("x", v, **kw) is None  # nothing for a notebook cell to display
+        return glued["x"][0]
+
+    assert value(12.34567) == 12.35 and glued["x"][1] is False
+    assert value(np.float64(1.0 / 3.0), digits=1) == 0.3 and type(value(np.float32(2.5))) is float
+    assert value(torch.tensor(7)) == 7 and value(np.int64(3)) == 3 and type(value(np.int64(3))) is int
+    assert value("layer2.1.conv2") == "layer2.1.conv2"
+    # the text myst-nb pastes into the prose ({glue:text}`x:.1f`) parses back to the number
+    from myst_nb.core.variables import format_plain_text
+    assert format_plain_text(repr(value(np.float64(67.94))), ".1f") == "67.9"
 
 
 def test_load_or_compute_loads_the_second_time_and_keys_by_params(artifacts):
@@ -137,6 +148,13 @@ def test_artifact_dir_defaults_to_the_repository(monkeypatch, tmp_path):
     (tmp_path / "notebooks").mkdir()
     monkeypatch.chdir(tmp_path / "notebooks")
     assert book.artifact_dir() == tmp_path / "artifacts"
+
+
+def test_code_version_is_part_of_every_key(shared):
+    version = book.code_version()
+    assert len(version) == 12 and version == book.code_version()
+    saved = [riftlab.checkpoint.read_checkpoint(p)["params"] for p in shared["dir"].glob("*.pt")]
+    assert saved and all(params["code"] == version for params in saved)
 
 
 def test_state_hash_follows_the_weights():
