@@ -372,7 +372,10 @@ def _read_tinyimagenet(folder: Path) -> tuple[ImageSet, ImageSet]:
     """Tiny-ImageNet from the extracted cs231n tree, cached as one .npz next to it.
 
     Validation labels come from ``val/val_annotations.txt``: the val folder is *not* sorted by class
-    (reading it as an ImageFolder, as the reference code does, scrambles the labels).
+    (reading it as an ImageFolder, as the reference code does, scrambles the labels). Class k is the
+    k-th wnid in sorted order, as torchvision's ImageFolder numbers the train folders, so models
+    trained by the reference code (and Tiny-ImageNet-C, also read by folder) agree with ours;
+    ``wnids.txt`` itself is not sorted.
     """
     info = _DATASETS["tinyimagenet"]
     base = folder / "tiny-imagenet-200"
@@ -381,14 +384,14 @@ def _read_tinyimagenet(folder: Path) -> tuple[ImageSet, ImageSet]:
     annotations = base / "val" / "val_annotations.txt"
     if not annotations.is_file():
         raise _missing(info, folder, "no tiny-imagenet-200/val/val_annotations.txt (the val labels live there)")
-    cache = base / "riftlab-cache.npz"
+    cache = base / "riftlab-cache-v2.npz"  # v2: sorted-wnid labels
     if cache.is_file() and cache.stat().st_mtime >= annotations.stat().st_mtime:
         z = np.load(cache)
         return (ImageSet(torch.from_numpy(z["train_x"]), torch.from_numpy(z["train_y"])),
                 ImageSet(torch.from_numpy(z["val_x"]), torch.from_numpy(z["val_y"])))
     from PIL import Image
 
-    wnids = [w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip()]
+    wnids = sorted(w.strip() for w in (base / "wnids.txt").read_text().split() if w.strip())
     index = {w: i for i, w in enumerate(wnids)}
 
     def load(paths: list[Path]) -> np.ndarray:

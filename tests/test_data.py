@@ -363,7 +363,7 @@ def test_tinyimagenet_cache_is_written_read_and_invalidated(tmp_path):
     root = write_tinyimagenet(tmp_path / "tin")
     base = root / "tiny-imagenet-200"
     first = load_dataset("tinyimagenet", root=root, val_size=2)
-    cache = base / "riftlab-cache.npz"
+    cache = base / "riftlab-cache-v2.npz"
     assert cache.is_file()
     assert not list(base.glob("*.tmp.npz"))
     # repaint every image black: a second load that still sees the colours must come from the cache
@@ -799,3 +799,16 @@ def test_batches_reject_empty_set_and_bad_batch_size():
         Batches(empty, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
         Batches(_indexed_set(4), batch_size=0)
+
+
+def test_tinyimagenet_classes_are_numbered_in_sorted_wnid_order(tmp_path):
+    # wnids.txt as published is not sorted; torchvision's ImageFolder (the reference code) numbers
+    # the train folders in sorted order, so a reference checkpoint's class k is the k-th sorted wnid.
+    root = write_tinyimagenet(tmp_path / "tin")
+    expected = load_dataset("tinyimagenet", root=root, val_size=2)
+    shuffled = tmp_path / "shuffled"
+    write_tinyimagenet(shuffled)
+    (shuffled / "tiny-imagenet-200" / "wnids.txt").write_text("".join(w + "\n" for w in reversed(TINY_WNIDS)))
+    got = load_dataset("tinyimagenet", root=shuffled, val_size=2)
+    for name in ("train", "val", "test"):
+        assert torch.equal(getattr(got, name).labels, getattr(expected, name).labels)
