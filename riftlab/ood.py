@@ -31,13 +31,14 @@ from ._loop import SweepProgress
 from ._util import progress as progress_bar
 from .attacks import eval_mode
 from .corruptions import SEVERITIES, corrupt, resolve_corruptions
-from .data import DatasetNotFoundError, ImageSet
+from .data import DatasetNotFoundError, ImageSet, default_root, extract_archive, fetch_verified
 
 __all__ = [
     "CorruptedSetInfo",
     "CORRUPTED_SETS",
     "OODResult",
     "corrupted_set_info",
+    "download_corrupted",
     "load_cifar_c",
     "load_tinyimagenet_c",
     "load_corrupted",
@@ -57,12 +58,25 @@ class CorruptedSetInfo:
     layout: str  # "npy": <corruption>.npy + labels.npy; "jpeg": <corruption>/<severity>/<wnid>/*.JPEG
     url: str
     image_size: int
+    archive: str = ""
+    md5: str | None = None  # None: read the checksum Zenodo publishes in the record's metadata
+
+    @property
+    def download(self) -> str:
+        return f"{self.url}/files/{self.archive}?download=1"
+
+    @property
+    def record_api(self) -> str:
+        return self.url.replace("/records/", "/api/records/")
 
 
 CORRUPTED_SETS: dict[str, CorruptedSetInfo] = {
-    "cifar10": CorruptedSetInfo("CIFAR-10-C", "cifar10", "npy", "https://zenodo.org/records/2535967", 32),
-    "cifar100": CorruptedSetInfo("CIFAR-100-C", "cifar100", "npy", "https://zenodo.org/records/3555552", 32),
-    "tinyimagenet": CorruptedSetInfo("Tiny-ImageNet-C", "tinyimagenet", "jpeg", "https://zenodo.org/records/2536630", 64),
+    "cifar10": CorruptedSetInfo("CIFAR-10-C", "cifar10", "npy", "https://zenodo.org/records/2535967", 32,
+                                "CIFAR-10-C.tar", "56bf5dcef84df0e2308c6dcbcbbd8499"),
+    "cifar100": CorruptedSetInfo("CIFAR-100-C", "cifar100", "npy", "https://zenodo.org/records/3555552", 32,
+                                 "CIFAR-100-C.tar", "11f0ed0f1191edbf9fa23466ae6021d3"),
+    "tinyimagenet": CorruptedSetInfo("Tiny-ImageNet-C", "tinyimagenet", "jpeg", "https://zenodo.org/records/2536630", 64,
+                                     "Tiny-ImageNet-C.tar"),
 }
 
 _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
@@ -74,6 +88,35 @@ def corrupted_set_info(dataset: str) -> CorruptedSetInfo:
         raise ValueError(f"no published corrupted test set for {dataset!r} (there are: {', '.join(CORRUPTED_SETS)}); "
                          "evaluate on corruptions made on the fly instead (riftlab evaluate --ood without --ood-dir)")
     return CORRUPTED_SETS[dataset]
+
+
+def download_corrupted(dataset: str, root: str | os.PathLike | None = None) -> Path:
+    """Download and extract the published -C set of ``dataset`` into ``root``; returns ``root``.
+
+    The archive's md5 is checked before extraction against the checksum Zenodo publishes for it
+    (written here for CIFAR-10-C and CIFAR-100-C, read from the record's metadata otherwise). A
+    mismatching or partial archive is deleted and reported; a verified archive is not fetched again.
+    """
+    info = corrupted_set_info(dataset)
+    folder = Path(root).expanduser() if root is not None else default_root() / f"{dataset}-c"
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = folder / info.archive
+    fetch_verified(info.download, archive, info.md5 or _published_md5(info))
+    extract_archive(archive, folder)
+    return folder
+
+
+def _published_md5(info: CorruptedSetInfo) -> str:
+    import json
+    from urllib.request import urlopen
+
+    with urlopen(info.record_api, timeout=60) as response:
+        record = json.load(response)
+    for entry in record.get("files", []):
+        if entry.get("key") == info.archive and str(entry.get("checksum", "")).startswith("md5:"):
+            return entry["checksum"][4:]
+    raise IOError(f"{info.record_api} lists no md5 checksum for {info.archive}; download it by hand from {info.url} "
+                  "and check it there")
 
 
 def _where_to_get(info: CorruptedSetInfo | None) -> str:

@@ -334,3 +334,65 @@ def test_cli_ood_errors_exit_2_before_evaluating(cli_setup, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (extra, err)
         assert not (out / "evaluate-tiny-test.json").exists()  # nothing evaluated
+
+
+# ----------------------------------------------------------------------------------------------
+# Verified downloads of the published -C sets (served from local files in the published layout)
+
+
+def _tar(folder, archive):
+    import tarfile
+
+    with tarfile.open(archive, "w") as tf:
+        tf.add(folder, arcname=folder.name)
+    return archive
+
+
+def _serve_c(monkeypatch, dataset, archive, md5):
+    import dataclasses
+
+    import riftlab.ood as ood
+
+    info = dataclasses.replace(ood.CORRUPTED_SETS[dataset], url=archive.parent.as_uri(), archive=archive.name, md5=md5)
+    monkeypatch.setattr(type(info), "download", property(lambda self: f"{self.url}/{self.archive}"))
+    monkeypatch.setitem(ood.CORRUPTED_SETS, dataset, info)
+    return info
+
+
+def test_cifar_c_download_is_verified_extracted_and_loads(tmp_path, monkeypatch):
+    from riftlab.data import md5sum
+    from riftlab.ood import download_corrupted
+
+    (tmp_path / "served").mkdir()
+    archive = _tar(write_cifar_c(tmp_path / "src"), tmp_path / "served" / "CIFAR-10-C.tar")
+    _serve_c(monkeypatch, "cifar10", archive, md5sum(archive))
+    dest = download_corrupted("cifar10", tmp_path / "dest")
+    data = load_cifar_c(dest, "fog", 3)
+    np.testing.assert_array_equal(data.labels.numpy(), np.arange(2 * N, 3 * N) % 10)
+    assert not list(dest.rglob("*.part"))
+    # a corrupted archive is refused, removed and nothing is extracted
+    _serve_c(monkeypatch, "cifar10", archive, "0" * 32)
+    with pytest.raises(IOError, match="checksum mismatch"):
+        download_corrupted("cifar10", tmp_path / "bad")
+    assert list((tmp_path / "bad").iterdir()) == []
+
+
+def test_tiny_imagenet_c_checksum_comes_from_the_zenodo_record(tmp_path, monkeypatch):
+    from riftlab.data import md5sum
+    from riftlab.ood import download_corrupted
+
+    (tmp_path / "served").mkdir()
+    archive = _tar(write_tiny_c(tmp_path / "src"), tmp_path / "served" / "Tiny-ImageNet-C.tar")
+    info = _serve_c(monkeypatch, "tinyimagenet", archive, None)
+    record = tmp_path / "record.json"
+    monkeypatch.setattr(type(info), "record_api", property(lambda self: record.as_uri()))
+    record.write_text(json.dumps({"files": [{"key": "other.tar", "checksum": "md5:" + "1" * 32},
+                                            {"key": archive.name, "checksum": "md5:" + md5sum(archive)}]}))
+    dest = download_corrupted("tinyimagenet", tmp_path / "dest")
+    assert load_tinyimagenet_c(dest, "fog", 2).labels.tolist() == [0, 0, 1, 1, 2, 2]
+    record.write_text(json.dumps({"files": [{"key": archive.name, "checksum": "md5:" + "2" * 32}]}))
+    with pytest.raises(IOError, match="checksum mismatch"):
+        download_corrupted("tinyimagenet", tmp_path / "bad")
+    record.write_text(json.dumps({"files": []}))
+    with pytest.raises(IOError, match="lists no md5"):
+        download_corrupted("tinyimagenet", tmp_path / "bad2")
