@@ -18,6 +18,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
+	# the optional RobustBench extra too, so tests/test_robustbench.py runs instead of skipping
+	$(PY) -m pip install -q "robustbench>=1.1.1" "setuptools<81"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -13,20 +13,28 @@ attack budgets (eps, step) are in pixel units.
 __version__ = "0.1.0"
 
 from .attacks import pgd
+from .autoattack import autoattack_accuracy
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .corruptions import CORRUPTIONS, REFERENCE_CORRUPTIONS, corrupt
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, DatasetNotFoundError, ImageSet, dataset_info, list_datasets, load_dataset, make_synthetic
 from .evaluation import accuracy, evaluate
 from .finetune import FinetuneResult, finetune_module
 from .interpolation import interpolate, interpolation_curve, select_alpha
+from .losses import AT_METHODS, mart_loss, trades_loss
 from .models import build_model, list_models, weight_modules
+from .ood import OODResult, ood_accuracy
 from .pipeline import PROFILES, RiftConfig, run_rift
+from .sanity import CheckResult, gradient_masking_checks
 from .training import TrainResult, adversarial_train
+from .ablation import ablate
 
 __all__ = [
-    "pgd", "CheckpointError", "load_checkpoint", "save_checkpoint", "adversarial_set", "module_robust_criticality",
+    "pgd", "autoattack_accuracy", "CheckResult", "gradient_masking_checks",
+    "CheckpointError", "load_checkpoint", "save_checkpoint", "adversarial_set", "module_robust_criticality",
     "Batches", "DataSplits", "DatasetNotFoundError", "ImageSet", "dataset_info", "list_datasets", "load_dataset",
     "make_synthetic", "accuracy", "evaluate", "FinetuneResult", "finetune_module", "interpolate", "interpolation_curve",
     "select_alpha", "build_model", "list_models", "weight_modules", "PROFILES", "RiftConfig", "run_rift",
-    "TrainResult", "adversarial_train",
+    "TrainResult", "adversarial_train", "AT_METHODS", "mart_loss", "trades_loss", "ablate",
+    "CORRUPTIONS", "REFERENCE_CORRUPTIONS", "corrupt", "OODResult", "ood_accuracy",
 ]

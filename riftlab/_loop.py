@@ -17,8 +17,13 @@ from .checkpoint import read_checkpoint, save_checkpoint
 
 
 def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
-                make_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+                make_input: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ) -> dict[str, float]:
     """One pass of SGD over ``batches``; ``make_input`` turns a clean batch into the trained one (e.g. PGD).
+
+    ``loss_fn(model, x, y) -> (loss, logits)`` replaces the cross-entropy on ``make_input(x, y)``
+    for objectives that need more than one forward pass (TRADES, MART); accuracy is taken on its logits.
 
     Sums and the index of the first non-finite loss stay on the device: one host sync per epoch.
     Returns mean loss, accuracy (percent) on the trained inputs, and ``first_bad_step`` (-1 if none).
@@ -29,9 +34,12 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     for step, (x, y) in enumerate(batches):
-        x_in = make_input(x, y) if make_input is not None else x
-        logits = model(x_in)
-        loss = F.cross_entropy(logits, y)
+        if loss_fn is not None:
+            loss, logits = loss_fn(model, x, y)
+        else:
+            x_in = make_input(x, y) if make_input is not None else x
+            logits = model(x_in)
+            loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

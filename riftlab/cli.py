@@ -8,6 +8,7 @@ there by default, so the steps chain::
     riftlab finetune --out runs/c10
     riftlab interpolate --out runs/c10
     riftlab evaluate --checkpoint runs/c10/rift.pt --out runs/c10
+    riftlab ablate --out runs/c10          # the paper's ablations (Tables 3-4), after train-at and mrc
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .zoo import MissingDependencyError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingDependencyError)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -47,19 +49,41 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
 
 
+def _robustbench(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("RobustBench starting point (pip install 'riftlab[robustbench]')")
+    g.add_argument("--robustbench", metavar="NAME", help="start from this RobustBench model (e.g. Sehwag2021Proxy_R18) "
+                   "instead of an AT checkpoint; its dataset is --dataset's")
+    g.add_argument("--threat-model", dest="threat_model", choices=["Linf", "L2", "corruptions"], help="RobustBench threat model (default Linf)")
+    g.add_argument("--model-dir", dest="model_dir", metavar="PATH",
+                   help="RobustBench's model folder, read as PATH/<dataset>/<threat model>/<NAME>.pt (default: models)")
+
+
+def _at_method(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", dest="at_method", metavar="METHOD",
+                   help="adversarial-training objective: pgd (PGD-AT, default), trades or mart")
+    p.add_argument("--beta", type=float, dest="at_beta", help="TRADES / MART robustness weight (default 6)")
+
+
+def alphas(text: str) -> tuple[float, ...]:
+    """``0,0.5,1`` -> (0.0, 0.5, 1.0)."""
+    return tuple(float(a) for a in text.split(","))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="riftlab", description="Robust Critical Fine-Tuning (RiFT), step by step.")
     parser.add_argument("--version", action="version", version=f"riftlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train-at", help="adversarial training (PGD-AT); writes at.pt")
+    p = sub.add_parser("train-at", help="adversarial training (PGD-AT, TRADES or MART); writes at.pt")
     _common(p)
     p.add_argument("--epochs", type=int, dest="at_epochs")
     p.add_argument("--lr", type=float, dest="at_lr")
     p.add_argument("--attack-steps", type=int, dest="at_attack_steps", help="PGD steps during training (0: standard training)")
+    _at_method(p)
 
     p = sub.add_parser("mrc", help="module robust criticality of every Conv2d/Linear; writes mrc.csv")
     _common(p)
+    _robustbench(p)
     p.add_argument("--checkpoint", help="AT model (default: OUT/at.pt)")
     p.add_argument("--mrc-eps", type=float, dest="mrc_eps", help="relative weight-perturbation radius (default 0.1)")
     p.add_argument("--passes", type=int, dest="mrc_passes", help="gradient-ascent passes over the adversarial set")
@@ -67,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("finetune", help="fine-tune one module's weight on clean data; writes ft.pt")
     _common(p)
+    _robustbench(p)
     p.add_argument("--checkpoint", help="AT model (default: OUT/at.pt)")
     p.add_argument("--module", dest="ft_module", help="exact module name (default: lowest MRC in OUT/mrc.csv)")
     p.add_argument("--epochs", type=int, dest="ft_epochs")
@@ -76,25 +101,59 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("interpolate", help="interpolate AT and fine-tuned weights, choose alpha on validation; writes rift.pt")
     _common(p)
+    _robustbench(p)
     p.add_argument("--at", help="AT model (default: OUT/at.pt)")
     p.add_argument("--ft", help="fine-tuned model (default: OUT/ft.pt)")
     p.add_argument("--threshold", type=float, help="allowed validation robust-accuracy drop in points (default 0.1)")
 
+    p = sub.add_parser("ablate", help="fine-tune other choices of weights (all, last, most, top-k, least, no interpolation); "
+                                      "writes ablation.csv")
+    _common(p)
+    p.add_argument("--checkpoint", help="AT model (default: OUT/at.pt); the MRC table is OUT/mrc.csv")
+    p.add_argument("--variants", default="at,all,last,most,topk,least,no-interp",
+                   help="comma-separated variants (default: %(default)s)")
+    p.add_argument("--k", type=int, default=3, help="how many least critical modules the topk variant fine-tunes (default 3)")
+    p.add_argument("--epochs", type=int, dest="ft_epochs")
+    p.add_argument("--lr", type=float, dest="ft_lr")
+    p.add_argument("--update-bn-stats", action="store_true", default=None,
+                   help="let every BatchNorm's statistics drift during fine-tuning (the reference code's behaviour)")
+    p.add_argument("--threshold", type=float, help="allowed validation robust-accuracy drop in points (default 0.1)")
+    p.add_argument("--alphas", type=alphas, help="interpolation weights, comma-separated, including 0 (default 0,0.1,...,1)")
+    p.add_argument("--steps", type=int, dest="eval_steps", help="PGD steps of every evaluation (default 10)")
+    p.add_argument("--restarts", type=int, dest="eval_restarts", help="random restarts of the test evaluation (default 3)")
+
     p = sub.add_parser("evaluate", help="clean and PGD robust accuracy on the test split")
     _common(p)
-    p.add_argument("--checkpoint", required=True)
+    _robustbench(p)
+    p.add_argument("--checkpoint", help="the model to evaluate (or --robustbench NAME)")
+    p.add_argument("--autoattack", type=int, metavar="N", help="also run standard AutoAttack (pyautoattack) on the first N images "
+                   "of the split and report it next to PGD on the same images; its log goes to OUT/autoattack-<stem>-<split>.log")
+    p.add_argument("--sanity", action="store_true", help="run the gradient-masking checks (riftlab.sanity); a failed check prints "
+                   "a WARNING line and sets \"flagged\" in the JSON")
+    p.add_argument("--sanity-examples", type=int, default=1000, metavar="N",
+                   help="images of the split (the first N) the sanity checks attack (default: %(default)s)")
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--steps", type=int, dest="eval_steps", help="PGD steps (default 10)")
     p.add_argument("--restarts", type=int, dest="eval_restarts", help="random restarts, worst case per example (default 3)")
+    p.add_argument("--ood", action="store_true", help="also measure accuracy under common corruptions of the split, made on the fly; "
+                   "writes ood-<checkpoint stem>-<split>.csv and the mean into the JSON")
+    p.add_argument("--ood-dir", metavar="PATH", help="use a published corrupted test set (CIFAR-10-C, CIFAR-100-C or Tiny-ImageNet-C folder) "
+                   "instead of on-the-fly corruptions; implies --ood")
+    p.add_argument("--corruptions", dest="ood_corruptions", default="standard", metavar="LIST",
+                   help="standard (the 15, default), reference (the reference code's 18), all, or comma-separated names")
+    p.add_argument("--severities", dest="ood_severities", default="1,2,3,4,5", metavar="LIST",
+                   help="comma-separated severities to average (default 1,2,3,4,5; the reference uses 1 on Tiny-ImageNet-C)")
 
-    p = sub.add_parser("rift", help="the whole pipeline (from an AT checkpoint or from scratch)")
+    p = sub.add_parser("rift", help="the whole pipeline (from an AT checkpoint, a RobustBench model or from scratch)")
     _common(p)
+    _robustbench(p)
     p.add_argument("--at-checkpoint", help="start from this AT model instead of training one")
     p.add_argument("--at-epochs", type=int)
     p.add_argument("--ft-epochs", type=int)
     p.add_argument("--ft-lr", type=float)
     p.add_argument("--module", dest="ft_module")
     p.add_argument("--threshold", type=float)
+    _at_method(p)
 
     p = sub.add_parser("demo", help="the full pipeline on a synthetic set on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")
@@ -104,15 +163,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
     p.add_argument("--resume", action="store_true", help="continue an unfinished run in --out (same settings)")
 
+    p = sub.add_parser("reproduce", help="the paper's Table 1 protocol end to end; writes the row beside the paper's numbers")
+    p.add_argument("--table", type=int, choices=[1], default=1, help="the paper's table (Table 1: Std / OOD / Adv, AT vs AT+RiFT)")
+    p.add_argument("--model", default="resnet18", help="model name (see `riftlab list`)")
+    p.add_argument("--dataset", default="cifar10", help="dataset name (see `riftlab list`)")
+    p.add_argument("--profile", choices=["paper", "cpu", "demo", "book"], default=None,
+                   help="settings preset (default: paper for cifar10/cifar100/tinyimagenet, cpu otherwise)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean and std (the paper: 3 seeds)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--at-epochs", type=int)
+    p.add_argument("--val-size", type=int, help="training images held out for validation (default: the profile's or dataset's)")
+    p.add_argument("--data-root")
+    p.add_argument("--download", action="store_true", default=None)
+    p.add_argument("--device")
+    p.add_argument("--ood-dir", help="published -C folder (CIFAR-10-C, CIFAR-100-C, Tiny-ImageNet-C); default: corruptions made on the fly")
+    p.add_argument("--ood-examples", type=int, help="OOD on a random subset of this many test images")
+    p.add_argument("--autoattack", type=int, metavar="N", help="also standard AutoAttack on the first N test images (beside PGD on them)")
+    p.add_argument("--out", default="runs/table1", help="output folder (default: %(default)s)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--resume", action="store_true", help="continue an unfinished reproduction in --out")
+    p.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
+
     p = sub.add_parser("download", help="download a dataset and verify its checksums")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="a dataset name, or cifar10-c, cifar100-c, tinyimagenet-c for the published corruption sets")
     p.add_argument("--data-root")
 
     sub.add_parser("list", help="list models, datasets and profiles")
     return parser
 
 
-_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite", "resume"}
+_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite", "resume", "variants", "k"}
 
 
 def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = None):
@@ -120,7 +200,7 @@ def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = Non
     from .pipeline import PROFILES, RiftConfig
 
     values: dict[str, Any] = dict(PROFILES[args.profile]) if getattr(args, "profile", None) else {}
-    for key in ("dataset", "model", "width"):
+    for key in ("dataset", "model", "width", "at_method", "at_beta", "robustbench", "threat_model", "model_dir"):
         if meta and meta.get(key) is not None:
             values[key] = meta[key]
     fields = {f.name for f in dataclasses.fields(RiftConfig)}
@@ -168,6 +248,22 @@ def _load_model(cfg, splits, path: str | Path, device):
     return model.to(device)
 
 
+def _starting_model(cfg, splits, path: Path | None, device):
+    """The model in the riftlab checkpoint ``path``, or (no path) RobustBench's ``cfg.robustbench`` with its weights."""
+    if path is not None:
+        return _load_model(cfg, splits, path, device)
+    from .zoo import load_robustbench_model, robustbench_dataset
+
+    return load_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model, cfg.model_dir).to(device)
+
+
+def _at_checkpoint(args: argparse.Namespace, out: Path) -> Path | None:
+    """--checkpoint, else None when --robustbench names the starting model, else OUT/at.pt."""
+    if getattr(args, "robustbench", None) and not args.checkpoint:
+        return None
+    return _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
+
+
 def _checkpoint(path: str | None, out: Path, default: str, how: str) -> Path:
     p = Path(path) if path else out / default
     if not p.is_file():
@@ -181,7 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
-        print("interrupted; finished stages and epoch checkpoints in the run directory are kept", file=sys.stderr)
+        out = getattr(args, "out", None)
+        print(f"riftlab {args.command}: interrupted; finished epochs and stages are saved"
+              + (f" in {out}: rerun the same command with --resume to continue" if out else ""), file=sys.stderr)
         return 130
     except torch_oom() as err:
         size = getattr(args, "batch_size", None) or getattr(args, "eval_batch_size", None)
@@ -208,8 +306,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         print("datasets: " + ", ".join(list_datasets()))
         print("profiles: " + ", ".join(PROFILES))
         return 0
+    if args.command == "reproduce":
+        from .reproduce import format_table1, reproduce_table1
+
+        try:
+            seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
+        overrides = {k: v for k, v in (("width", args.width), ("at_epochs", args.at_epochs), ("val_size", args.val_size), ("data_root", args.data_root),
+                                       ("download", args.download), ("device", args.device), ("progress", args.progress)) if v is not None}
+        table = reproduce_table1(args.model, args.dataset, args.out, profile=args.profile, seeds=seeds, c_dir=args.ood_dir,
+                                 ood_examples=args.ood_examples, autoattack_examples=args.autoattack, resume=args.resume, overwrite=args.overwrite, **overrides)
+        print(format_table1(table))
+        print(f"wrote {Path(args.out) / 'table1.csv'}")
+        return 0
     if args.command == "download":
-        print(f"downloaded {args.dataset} into {download_dataset(args.dataset, args.data_root)}")
+        if args.dataset.endswith("-c"):
+            from .ood import download_corrupted
+
+            folder = download_corrupted(args.dataset[:-2], args.data_root)
+        else:
+            folder = download_dataset(args.dataset, args.data_root)
+        print(f"downloaded {args.dataset} into {folder}")
         return 0
     out = Path(args.out)
     if args.command in ("rift", "demo"):
@@ -229,11 +347,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         splits, device = prepare(cfg)
         model = build_for(cfg, splits).to(device)
-        meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config}
+        meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "at_method": cfg.at_method, "at_beta": cfg.at_beta}
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed,
+                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta, eval_steps=cfg.eval_steps, seed=cfg.seed,
                                    out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress)
         save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
@@ -243,10 +361,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "mrc":
         from .criticality import adversarial_set, module_robust_criticality
 
-        path = _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
-        cfg = config_from_args(args, _meta_of(path))
+        path = _at_checkpoint(args, out)
+        cfg = config_from_args(args, _meta_of(path) if path else None)
         splits, device = prepare(cfg)
-        model = _load_model(cfg, splits, path, device)
+        model = _starting_model(cfg, splits, path, device)
         source = Batches(splits.train.subset(cfg.mrc_examples, seed=cfg.seed), cfg.eval_batch_size, device=device)
         adv = adversarial_set(model, source, cfg.eps, cfg.step, cfg.eval_steps, seed=cfg.seed)
         table = module_robust_criticality(model, adv, eps=cfg.mrc_eps, passes=cfg.mrc_passes, step_size=cfg.mrc_step_size, progress=cfg.progress)
@@ -259,15 +377,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "finetune":
         from .finetune import finetune_module, get_weight_module
 
-        path = _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
-        meta = _meta_of(path)
+        path = _at_checkpoint(args, out)
+        meta = _meta_of(path) if path else {}
         cfg = config_from_args(args, meta)
         module = cfg.ft_module
         if module is None:
             mrc_csv = _checkpoint(None, out, "mrc.csv", "pass --module NAME or run `riftlab mrc` first")
             module = str(pd.read_csv(mrc_csv)["module"].iloc[0])
         splits, device = prepare(cfg)
-        model = _load_model(cfg, splits, path, device)
+        model = _starting_model(cfg, splits, path, device)
+        if path is None:  # ft.pt must say how to rebuild the architecture and where the AT weights are
+            meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "model_dir": cfg.model_dir}
         get_weight_module(model, module)  # a misspelt name is the error to report, not an earlier run in ft/
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
@@ -282,12 +402,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .checkpoint import extract_state_dict, read_checkpoint
         from .interpolation import interpolate, interpolation_curve, select_alpha
 
-        at_path = _checkpoint(args.at, out, "at.pt", "pass --at or run `riftlab train-at` first")
         ft_path = _checkpoint(args.ft, out, "ft.pt", "pass --ft or run `riftlab finetune` first")
         meta = _meta_of(ft_path)
         cfg = config_from_args(args, meta)
+        from_robustbench = cfg.robustbench is not None and not args.at and not (out / "at.pt").is_file()
+        at_path = None if from_robustbench else _checkpoint(args.at, out, "at.pt", "pass --at or run `riftlab train-at` first")
         splits, device = prepare(cfg)
-        model = _load_model(cfg, splits, at_path, device)
+        model = _starting_model(cfg, splits, at_path, device)
         theta_at = {k: v.clone() for k, v in model.state_dict().items()}
         ft_model = _load_model(cfg, splits, ft_path, device)
         theta_ft = ft_model.state_dict()
@@ -304,20 +425,125 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"wrote {out / 'rift.pt'}")
         return 0
 
-    if args.command == "evaluate":
-        from .evaluation import evaluate
+    if args.command == "ablate":
+        import shutil
 
-        path = Path(args.checkpoint)
+        from .ablation import VARIANTS, ablate, ablation_table, variant_modules
+
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown or not variants:
+            raise ValueError(f"unknown ablation variant {unknown[0] if unknown else args.variants!r}; choices: {', '.join(VARIANTS)}")
+        path = _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
+        mrc = pd.read_csv(_checkpoint(None, out, "mrc.csv", "run `riftlab mrc` first"))
+        work = out / "ablation"
+        earlier = work.is_dir() and any(work.iterdir())
+        if earlier and not (args.resume or args.overwrite):
+            raise FileExistsError(f"{work} holds an earlier ablation; pass --resume to continue it or --overwrite to start over")
         cfg = config_from_args(args, _meta_of(path))
         splits, device = prepare(cfg)
         model = _load_model(cfg, splits, path, device)
+        for variant in variants:  # a bad --k or a foreign MRC table is the error to report, before earlier work is removed
+            variant_modules(model, mrc, variant, args.k)
+        if earlier and args.overwrite:
+            shutil.rmtree(work)
+        train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
+        val = Batches(splits.val, cfg.eval_batch_size, device=device)
+        test = Batches(splits.test, cfg.eval_batch_size, device=device)
+        table = ablate(model, mrc, train, val, test, cfg, variants, k=args.k, out_dir=work)
+        _write_csv(out / "ablation.csv", table)
+        print(ablation_table(table))
+        print(f"wrote {out / 'ablation.csv'}")
+        return 0
+
+    if args.command == "evaluate":
+        from .evaluation import evaluate
+
+        ood = {k: vars(args).pop(k) for k in ("ood", "ood_dir", "ood_corruptions", "ood_severities")}  # not RiftConfig fields
+        checks = {k: vars(args).pop(k) for k in ("autoattack", "sanity", "sanity_examples")}
+        for key in ("autoattack", "sanity_examples"):
+            if checks[key] is not None and checks[key] < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be a positive number of images, got {checks[key]}")
+        if not args.checkpoint and not args.robustbench:
+            raise ValueError("pass --checkpoint PATH, or --robustbench NAME to evaluate a RobustBench model")
+        path = Path(args.checkpoint) if args.checkpoint else None
+        cfg = config_from_args(args, _meta_of(path) if path else None)
+        name = path.stem if path else cfg.robustbench
+        if ood["ood"] or ood["ood_dir"]:  # check the OOD options before the (long) robust evaluation
+            from .corruptions import resolve_corruptions
+            from .ood import check_corrupted_dir, parse_severities
+
+            _, names = resolve_corruptions(ood["ood_corruptions"])
+            levels = parse_severities(ood["ood_severities"])
+            if ood["ood_dir"]:
+                if args.split != "test":
+                    raise ValueError("--ood-dir holds corrupted *test* images; use --split test, or --ood without --ood-dir")
+                check_corrupted_dir(ood["ood_dir"], names, levels, cfg.dataset)
+        splits, device = prepare(cfg)
+        model = _starting_model(cfg, splits, path, device)
         data = Batches(getattr(splits, args.split), cfg.eval_batch_size, device=device)
-        result = {"checkpoint": str(path), "split": args.split, **evaluate(model, data, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed)}
+        source = str(path) if path else f"robustbench:{cfg.robustbench} ({cfg.threat_model})"
+        result = {"checkpoint": source, "split": args.split, **evaluate(model, data, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed)}
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / f"evaluate-{path.stem}-{args.split}.json", result)
+        alerts = _masking_checks(model, getattr(splits, args.split), cfg, device, checks, out / f"autoattack-{name}-{args.split}.log", result)
+        if ood["ood"] or ood["ood_dir"]:
+            from .data import _resolve_root
+            from .ood import ood_accuracy
+
+            info, stem = splits.info, f"ood-{name}-{args.split}"
+            resume_file = out / f"{stem}.progress.pt"
+            # With --ood-dir, --test-subset picks the same images as load_dataset's test subset (seed 3), as -C keeps the test order.
+            shifted = ood_accuracy(model, None if ood["ood_dir"] else getattr(splits, args.split), names, levels,
+                                   c_dir=ood["ood_dir"], dataset=info.name if ood["ood_dir"] else None,
+                                   wnids=_resolve_root(info, cfg.data_root) if ood["ood_dir"] and info.name == "tinyimagenet" else None,
+                                   image_shape=(info.channels, info.image_size, info.image_size),
+                                   max_examples=cfg.test_subset if ood["ood_dir"] else None, subset_seed=3, batch_size=cfg.eval_batch_size,
+                                   seed=cfg.seed, progress=cfg.progress, checkpoint_path=resume_file)
+            _write_csv(out / f"{stem}.csv", shifted.table)
+            resume_file.unlink(missing_ok=True)
+            result.update({"ood_acc": shifted.mean, "ood": shifted.summary()})
+        _write_json(out / f"evaluate-{name}-{args.split}.json", result)
         print(json.dumps(result, indent=2))
+        for line in alerts:
+            print(line, file=sys.stderr)
         return 0
     raise ValueError(f"unknown command {args.command}")  # argparse prevents this
+
+
+def _masking_checks(model, images, cfg, device, options: dict[str, Any], log_path: Path, result: dict[str, Any]) -> list[str]:
+    """``evaluate --autoattack N`` and ``--sanity``: add their results to ``result``; return the WARNING lines.
+
+    AutoAttack and PGD (the evaluation's settings) attack the same first N images of the split;
+    the sanity checks attack the first ``--sanity-examples`` images.
+    """
+    from .data import Batches, ImageSet
+    from .evaluation import evaluate
+
+    warnings: list[str] = []
+    if options["autoattack"]:
+        from .autoattack import autoattack_accuracy
+
+        first = ImageSet(images.images[:options["autoattack"]], images.labels[:options["autoattack"]])
+        x, y = first.float().to(device), first.labels.to(device)
+        if cfg.progress:
+            print(f"standard AutoAttack on {len(first)} images (eps {cfg.eps:.4f}); progress in {log_path}", file=sys.stderr)
+        aa = autoattack_accuracy(model, x, y, cfg.eps, version="standard", seed=cfg.seed, log_path=log_path, batch_size=cfg.eval_batch_size)
+        pgd_same = evaluate(model, Batches(first, cfg.eval_batch_size, device=device), cfg.eps, cfg.step, cfg.eval_steps,
+                            cfg.eval_restarts, seed=cfg.seed)
+        result["autoattack"] = {**aa, "pgd_robust_acc": pgd_same["robust_acc"], "pgd_steps": cfg.eval_steps,
+                                "pgd_restarts": cfg.eval_restarts, "log": str(log_path)}
+        warnings += [f"WARNING: AutoAttack's own check: {message}" for message in aa["warnings"]]
+    if options["sanity"]:
+        from .sanity import gradient_masking_checks, is_flagged, warning_lines
+
+        first = ImageSet(images.images[:options["sanity_examples"]], images.labels[:options["sanity_examples"]])
+        checks = gradient_masking_checks(model, Batches(first, cfg.eval_batch_size, device=device), cfg.eps, cfg.step, cfg.eval_steps,
+                                         restarts=max(2, cfg.eval_restarts), autoattack=result.get("autoattack"), seed=cfg.seed)
+        result["sanity"] = [c.to_dict() for c in checks]
+        result["sanity_examples"] = len(first)
+        result["flagged"] = is_flagged(checks)
+        warnings += warning_lines(checks)
+    return warnings
 
 
 if __name__ == "__main__":

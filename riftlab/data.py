@@ -277,7 +277,8 @@ def load_dataset(
             full_train, test = _READERS[name](folder)
     val_size = info.val_size if val_size is None else val_size
     if not 0 <= val_size < len(full_train):
-        raise ValueError(f"val_size must be in [0, {len(full_train)}), got {val_size}")
+        raise ValueError(f"val_size must be in [0, {len(full_train)}): it is held out of the {len(full_train)} training images, "
+                         f"got {val_size} (set val_size / --val-size lower)")
     perm = torch.randperm(len(full_train), generator=torch.Generator().manual_seed(split_seed))
     val_idx, train_idx = perm[:val_size].sort().values, perm[val_size:].sort().values
     train = ImageSet(full_train.images[train_idx], full_train.labels[train_idx])

@@ -1,10 +1,11 @@
-"""Fine-tuning one module's weight on clean data, everything else frozen."""
+"""Fine-tuning one module's weight (or a few modules' weights) on clean data, everything else frozen."""
 
 from __future__ import annotations
 
 import copy
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -20,12 +21,17 @@ __all__ = ["finetune_module", "FinetuneResult", "get_weight_module"]
 
 @dataclass
 class FinetuneResult:
-    """The fine-tuned copy (best-on-validation epoch loaded), its per-epoch history and best epoch."""
+    """The fine-tuned copy (best-on-validation epoch loaded), its per-epoch history and best epoch.
+
+    ``module`` is the fine-tuned module's name, or the names joined by ``+`` when several were
+    fine-tuned together; ``modules`` always lists them.
+    """
 
     model: nn.Module
     module: str
     history: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = -1
+    modules: list[str] = field(default_factory=list)
 
 
 def get_weight_module(model: nn.Module, name: str) -> nn.Module:
@@ -38,7 +44,7 @@ def get_weight_module(model: nn.Module, name: str) -> nn.Module:
 
 def finetune_module(
     model: nn.Module,
-    module_name: str,
+    module_name: str | Sequence[str],
     train: Batches,
     val: Batches | None = None,
     epochs: int = 10,
@@ -53,8 +59,10 @@ def finetune_module(
 ) -> FinetuneResult:
     """Fine-tune the weight of module ``module_name`` (exact name) on clean data.
 
-    ``model`` is not modified: a copy is fine-tuned and returned. Only the chosen module's weight
-    receives gradients, weight decay and updates (its bias, if any, stays frozen as in the paper).
+    ``module_name`` may also be a list of exact names: their weights are fine-tuned together (the
+    ablations "all layers", "top-k least critical"). ``model`` is not modified: a copy is fine-tuned
+    and returned. Only the chosen modules' weights receive gradients, weight decay and updates
+    (biases, if any, stay frozen as in the paper).
 
     BatchNorm: by default the whole network runs in eval mode, so every BatchNorm keeps the
     running statistics of the adversarially trained model and every tensor other than the chosen
@@ -70,18 +78,23 @@ def finetune_module(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    names = [module_name] if isinstance(module_name, str) else list(module_name)
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"module_name must be one name or a list of distinct names, got {module_name!r}")
+    label = "+".join(names)
     tuned = copy.deepcopy(model)
-    weight = get_weight_module(tuned, module_name).weight
+    weights = [get_weight_module(tuned, name).weight for name in names]
     for p in tuned.parameters():
         p.requires_grad_(False)
-    weight.requires_grad_(True)
-    opt = torch.optim.SGD([weight], lr=lr, momentum=momentum, weight_decay=weight_decay)
+    for weight in weights:
+        weight.requires_grad_(True)
+    opt = torch.optim.SGD(weights, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones if milestones is not None else [max(1, epochs // 2)], gamma=0.1)
-    ckpt = EpochCheckpoint(out_dir, {"module": module_name})
+    ckpt = EpochCheckpoint(out_dir, {"module": label})
     loop = ckpt.restore(tuned, opt, sched) if resume else LoopState()
     if val is not None and not loop.history:  # epoch 0 is the starting point, recorded but never selected
         loop.history.append({"epoch": 0, "lr": lr, "train_loss": None, "val_clean_acc": accuracy(tuned, val)})
-    for epoch in _progress(range(loop.next_epoch, epochs), progress, desc=f"fine-tuning {module_name}", initial=loop.next_epoch, total=epochs):
+    for epoch in _progress(range(loop.next_epoch, epochs), progress, desc=f"fine-tuning {label}", initial=loop.next_epoch, total=epochs):
         tuned.train(update_bn_stats)
         train.set_epoch(epoch)
         stats = train_epoch(tuned, train, opt)
@@ -96,7 +109,8 @@ def finetune_module(
         ckpt.save(tuned, opt, sched, epoch, loop, changed)
     if val is not None and loop.best_state is not None:
         tuned.load_state_dict(loop.best_state)
-    weight.requires_grad_(False)
-    weight.grad = None
+    for weight in weights:
+        weight.requires_grad_(False)
+        weight.grad = None
     tuned.eval()
-    return FinetuneResult(tuned, module_name, loop.history, loop.best_epoch)
+    return FinetuneResult(tuned, label, loop.history, loop.best_epoch, names)

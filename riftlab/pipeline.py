@@ -36,12 +36,12 @@ from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, load_dataset
 from .evaluation import evaluate
-from .finetune import finetune_module
+from .finetune import FinetuneResult, finetune_module
 from .interpolation import DEFAULT_ALPHAS, interpolate, interpolation_curve, select_alpha
 from .models import build_model
 from .training import adversarial_train
 
-__all__ = ["RiftConfig", "PROFILES", "run_rift", "prepare", "build_for"]
+__all__ = ["RiftConfig", "PROFILES", "run_rift", "prepare", "build_for", "finetune_step", "choose_alpha", "evaluate_on_test"]
 
 
 @dataclass
@@ -51,6 +51,10 @@ class RiftConfig:
     dataset: str = "cifar10"
     model: str = "resnet18"
     width: int | None = None
+    # A RobustBench model as the AT model (its architecture replaces `model`/`width`; see riftlab.zoo).
+    robustbench: str | None = None
+    threat_model: str = "Linf"
+    model_dir: str = "models"  # RobustBench's folder: <model_dir>/<dataset>/<threat_model>/<name>.pt
     data_root: str | None = None
     download: bool = False
     device: str = "auto"
@@ -68,6 +72,8 @@ class RiftConfig:
     at_lr: float = 0.1
     at_attack_steps: int = 10
     at_attack_step: float | None = None  # default: the dataset's step
+    at_method: str = "pgd"  # pgd (PGD-AT), trades or mart (see riftlab.losses)
+    at_beta: float = 6.0  # TRADES / MART robustness weight
     eps: float | None = None  # default: the dataset's eps
     step: float | None = None
     # MRC
@@ -100,7 +106,13 @@ class RiftConfig:
         return cfg
 
     def validate(self) -> None:
+        from .losses import AT_METHODS
+
         _check_types(self)
+        if self.at_method not in AT_METHODS:
+            raise ValueError(f"unknown at_method {self.at_method!r} (adversarial-training method); choices: {', '.join(AT_METHODS)}")
+        if not 0 <= self.at_beta < float("inf"):
+            raise ValueError(f"at_beta must be a finite number >= 0, got {self.at_beta}")
         if self.eps is not None and not 0 <= self.eps <= 1:
             raise ValueError(f"eps must be in [0, 1] (pixel units, e.g. 8/255 = 0.0314), got {self.eps}")
         if self.step is not None and not 0 < self.step <= 1:
@@ -158,7 +170,12 @@ PROFILES: dict[str, dict[str, Any]] = {
 
 
 def build_for(cfg: RiftConfig, splits: DataSplits) -> nn.Module:
+    """The architecture ``cfg`` names, randomly initialised (a RobustBench one when ``cfg.robustbench`` is set)."""
     info = splits.info
+    if cfg.robustbench is not None:
+        from .zoo import build_robustbench_model, robustbench_dataset
+
+        return build_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model)
     return build_model(cfg.model, info.num_classes, info.channels, info.image_size, cfg.width, info.mean, info.std)
 
 
@@ -168,6 +185,28 @@ def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
     splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, val_size=cfg.val_size, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
                           test_subset=cfg.test_subset, synthetic_sizes=cfg.synthetic_sizes)
     return splits, resolve_device(cfg.device)
+
+
+def finetune_step(cfg: RiftConfig, model: nn.Module, modules: str | list[str], train: Batches, val: Batches | None,
+                  out_dir: str | os.PathLike | None = None) -> FinetuneResult:
+    """Fine-tune ``modules`` of ``model`` (a copy) with ``cfg``'s schedule: ``ft_epochs`` at ``ft_lr``, x0.1 halfway."""
+    return finetune_module(model, modules, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
+                           milestones=[max(1, cfg.ft_epochs // 2)], out_dir=out_dir, progress=cfg.progress)
+
+
+def choose_alpha(cfg: RiftConfig, model: nn.Module, theta_at: dict[str, torch.Tensor], theta_ft: dict[str, torch.Tensor],
+                 val: Batches, checkpoint_path: str | os.PathLike | None = None) -> tuple[pd.DataFrame, dict[str, float]]:
+    """The validation curve over ``cfg.alphas`` (PGD-``eval_steps``, ``val_restarts``, seed ``cfg.seed``) and
+    the alpha the paper's rule picks on it (``cfg.threshold``). ``model`` gives the architecture."""
+    curve = interpolation_curve(model, theta_at, theta_ft, val, cfg.eps, cfg.step, cfg.eval_steps, cfg.val_restarts, cfg.alphas,
+                                seed=cfg.seed, checkpoint_path=checkpoint_path, progress=cfg.progress)
+    return curve, select_alpha(curve, cfg.threshold)
+
+
+def evaluate_on_test(cfg: RiftConfig, model: nn.Module, test: Batches, checkpoint_path: str | os.PathLike | None = None) -> dict[str, float]:
+    """The reported numbers: clean and PGD-``eval_steps`` accuracy, worst of ``eval_restarts``, seed ``cfg.seed + 1``
+    (other random starts than the validation curve's)."""
+    return evaluate(model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1, checkpoint_path=checkpoint_path)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -223,24 +262,26 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
              resume: bool = False, overwrite: bool = False, log=print) -> dict[str, Any]:
     """Run RiFT end to end and write the run directory ``out_dir``; returns the results dict.
 
-    Without ``at_checkpoint`` the AT model is trained first. Every stage saves its progress
+    Without ``at_checkpoint`` the AT model is trained first, unless ``cfg.robustbench`` names a
+    RobustBench model to start from (read from ``cfg.model_dir``). Every stage saves its progress
     atomically (per epoch, per module, per alpha, per batch); ``resume=True`` continues a killed
     run from where it stopped, with the same final result.
     """
     cfg = cfg.resolved()
     out = Path(out_dir)
+    splits, device = prepare(cfg)  # seeds everything; bad data settings fail here, before anything is written
     prepare_run_dir(out, cfg, resume, overwrite)
-    seed_everything(cfg.seed)
-    splits, device = prepare(cfg)
     info = splits.info
     model = build_for(cfg, splits).to(device)
-    meta = {"riftlab": __version__, "dataset": cfg.dataset, "seed": cfg.seed, **model.riftlab_config}
+    meta = {"riftlab": __version__, "dataset": cfg.dataset, "seed": cfg.seed, **model.riftlab_config,
+            "at_method": cfg.at_method, "at_beta": cfg.at_beta}
     train_aug = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=cfg.seed)
     val = Batches(splits.val, cfg.eval_batch_size, device=device)
     test = Batches(splits.test, cfg.eval_batch_size, device=device)
     progress_dir = out / "progress"
     timings: dict[str, float] = {}
-    log(f"riftlab {__version__}: {cfg.model} (width {cfg.width or 'default'}) on {cfg.dataset} {splits.sizes()}, device {device}")
+    arch = f"RobustBench {cfg.robustbench}" if cfg.robustbench is not None else f"{cfg.model} (width {cfg.width or 'default'})"
+    log(f"riftlab {__version__}: {arch} on {cfg.dataset} {splits.sizes()}, device {device}")
 
     t0 = time.perf_counter()
     if (out / "at.pt").is_file():
@@ -249,10 +290,17 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     elif at_checkpoint is not None:
         load_checkpoint(model, at_checkpoint, map_location=device)
         log(f"loaded AT model from {at_checkpoint}")
+    elif cfg.robustbench is not None:
+        from .zoo import load_robustbench_model, robustbench_dataset
+
+        model.load_state_dict(load_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model,
+                                                     cfg.model_dir).state_dict())
+        log(f"AT model: RobustBench {cfg.robustbench} ({cfg.threat_model}) from {cfg.model_dir}")
     else:
-        log(f"adversarial training: {cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (eps {cfg.eps:.4f}, step {cfg.at_attack_step:.4f})")
+        log(f"adversarial training ({cfg.at_method}): {cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (eps {cfg.eps:.4f}, step {cfg.at_attack_step:.4f})")
         result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
+                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
+                                   eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
                                    meta=meta, progress=cfg.progress)
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
@@ -282,8 +330,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         ft_history = pd.read_csv(out / "finetune.csv")
         best_epoch = int(read_checkpoint(out / "ft.pt")["meta"]["best_epoch"])
     else:
-        ft = finetune_module(model, module, train_aug, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                             milestones=[max(1, cfg.ft_epochs // 2)], out_dir=out / "ft", progress=cfg.progress)
+        ft = finetune_step(cfg, model, module, train_aug, val, out_dir=out / "ft")
         ft_model, ft_history, best_epoch = ft.model, pd.DataFrame(ft.history), ft.best_epoch
         _write_csv(out / "finetune.csv", ft_history)
         save_checkpoint(out / "ft.pt", {"model_state": ft_model.state_dict(),
@@ -292,22 +339,18 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     timings["finetune"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    curve = interpolation_curve(model, theta_at, theta_ft, val, cfg.eps, cfg.step, cfg.eval_steps, cfg.val_restarts, cfg.alphas,
-                                seed=cfg.seed, checkpoint_path=progress_dir / "interpolation.pt", progress=cfg.progress)
+    curve, choice = choose_alpha(cfg, model, theta_at, theta_ft, val, checkpoint_path=progress_dir / "interpolation.pt")
     _write_csv(out / "interpolation.csv", curve)
-    choice = select_alpha(curve, cfg.threshold)
     timings["interpolation"] = time.perf_counter() - t0
     log(f"chosen alpha {choice['alpha']} on validation: clean {choice['clean_gain']:+.2f}, robust {choice['robust_change']:+.2f} points")
 
     t0 = time.perf_counter()
     theta_rift = interpolate(theta_at, theta_ft, choice["alpha"])
     save_checkpoint(out / "rift.pt", {"model_state": theta_rift, "meta": {**meta, "stage": "rift", "module": module, "alpha": choice["alpha"]}})
-    at_test = evaluate(model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1,
-                       checkpoint_path=progress_dir / "test-at.pt")
+    at_test = evaluate_on_test(cfg, model, test, checkpoint_path=progress_dir / "test-at.pt")
     rift_model = build_for(cfg, splits).to(device)
     rift_model.load_state_dict(theta_rift)
-    rift_test = evaluate(rift_model, test, cfg.eps, cfg.step, cfg.eval_steps, cfg.eval_restarts, seed=cfg.seed + 1,
-                         checkpoint_path=progress_dir / "test-rift.pt")
+    rift_test = evaluate_on_test(cfg, rift_model, test, checkpoint_path=progress_dir / "test-rift.pt")
     timings["test_evaluation"] = time.perf_counter() - t0
     base = curve.loc[curve["alpha"] == 0.0].iloc[0]
     results = {

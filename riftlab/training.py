@@ -1,4 +1,4 @@
-"""PGD adversarial training (Madry et al.) with the recipe RiFT starts from."""
+"""Adversarial training (PGD-AT by default; TRADES or MART) with the recipe RiFT starts from."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import torch.nn as nn
 
 from ._loop import EpochCheckpoint, LoopState, train_epoch
 from ._util import milestones_for, progress as _progress
-from .attacks import pgd
+from .checkpoint import read_checkpoint
 from .data import Batches
 from .evaluation import accuracy, evaluate
+from .losses import at_objective, check_method
 
 __all__ = ["adversarial_train", "TrainResult"]
 
@@ -40,6 +41,8 @@ def adversarial_train(
     eps: float = 8 / 255,
     step: float = 2 / 255,
     attack_steps: int = 10,
+    method: str = "pgd",
+    beta: float = 6.0,
     eval_steps: int = 10,
     seed: int = 0,
     out_dir: str | os.PathLike | None = None,
@@ -53,6 +56,12 @@ def adversarial_train(
     lr 0.1 decayed x0.1 at epochs 100 and 105 of 110 (scaled to shorter runs), PGD-10 with step
     2/255 inside an 8/255 ball, random start, BatchNorm in eval mode while attacking.
 
+    ``method`` picks the objective (see :mod:`riftlab.losses`): ``"pgd"`` (PGD-AT, cross-entropy
+    on PGD examples), ``"trades"`` (CE on x + ``beta`` * KL to the KL-PGD example) or ``"mart"``
+    (boosted CE on PGD examples + ``beta`` * KL weighted by 1 - p_y(x)); ``beta`` is ignored by
+    ``"pgd"``. Method and beta are stored in the checkpoints' metadata (``at_method``, ``at_beta``),
+    and resuming a run started with another method or beta is refused.
+
     After each epoch the model is evaluated on ``val`` (clean and PGD-``eval_steps``) and the
     checkpoint with the best validation robust accuracy (clean accuracy for standard training)
     is kept; it is loaded into ``model`` at the end. With ``out_dir``, ``last.pt`` (everything
@@ -61,13 +70,18 @@ def adversarial_train(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    check_method(method, beta)
+    if method != "pgd" and attack_steps < 1:
+        raise ValueError(f"method {method!r} needs adversarial examples: attack_steps must be >= 1, got {attack_steps}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     milestones = milestones if milestones is not None else milestones_for(epochs, 110, (100, 105))
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     adversarial = attack_steps > 0
     key = "val_robust_acc" if adversarial and val is not None else "val_clean_acc"
-    ckpt = EpochCheckpoint(out_dir, meta)
+    ckpt = EpochCheckpoint(out_dir, {**(meta or {}), "at_method": method, "at_beta": float(beta)})
+    if resume and ckpt.exists():
+        _check_same_method(ckpt.last, method, float(beta))
     loop = ckpt.restore(model, opt, sched) if resume else LoopState()
     device = train.device
     for epoch in _progress(range(loop.next_epoch, epochs), progress, desc="adversarial training" if adversarial else "training",
@@ -75,8 +89,8 @@ def adversarial_train(
         model.train()
         train.set_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch)
-        attack = (lambda x, y: pgd(model, x, y, eps, step, attack_steps, generator=gen)) if adversarial else None
-        stats = train_epoch(model, train, opt, attack)
+        objective = at_objective(method, eps, step, attack_steps, beta, generator=gen) if adversarial else None
+        stats = train_epoch(model, train, opt, loss_fn=objective)
         sched.step()
         if stats["first_bad_step"] >= 0:
             raise ckpt.nonfinite_error("training", stats["loss"], epoch, stats["first_bad_step"])
@@ -95,3 +109,12 @@ def adversarial_train(
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     return TrainResult(model, loop.history, loop.best_epoch)
+
+
+def _check_same_method(last: Path, method: str, beta: float) -> None:
+    """Refuse to continue a run of another method: the mixed result would be neither."""
+    saved = read_checkpoint(last).get("meta", {})
+    old_method, old_beta = saved.get("at_method", "pgd"), float(saved.get("at_beta", 6.0))
+    if old_method != method or (method != "pgd" and old_beta != beta):
+        raise ValueError(f"{last} belongs to a run with method {old_method!r} (beta {old_beta}), not {method!r} (beta {beta}); "
+                         "resume with the same method, or start over in another folder")

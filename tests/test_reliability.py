@@ -194,3 +194,28 @@ def test_empty_subset_and_bad_inputs_exit_cleanly(tmp_path):
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "at.pt").exists()
+
+
+def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    args = ["train-at", "--dataset", "synthetic-cifar10", "--model", "resnet18", "--width", "4", "--train-subset", "300",
+            "--val-subset", "100", "--test-subset", "100", "--epochs", "40", "--attack-steps", "1", "--batch-size", "50",
+            "--device", "cpu", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "riftlab", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last = out / "at" / "last.pt"
+    deadline = time.time() + 300
+    while not last.is_file():
+        assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "timeout"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    epochs_done = read_checkpoint(last)["epoch"]
+    assert epochs_done < 39 and not (out / "at.pt").exists()  # stopped mid-run, nothing claims to be finished
+    refused = _riftlab(*args)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+    shorter = [a if a != "40" else str(epochs_done + 3) for a in args]  # resume and finish a few epochs later
+    resumed = _riftlab(*shorter, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_checkpoint(last)["epoch"] == epochs_done + 2 and (out / "at.pt").is_file()
