@@ -32,7 +32,7 @@ def command(out: Path, epochs: int, resume: bool) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of the run (at least kills + 2, so each kill lands mid-run)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
     args = parser.parse_args()
     rng = random.Random(args.seed)
@@ -42,21 +42,33 @@ def main() -> int:
     clean_seconds = time.time() - t0
     print(f"uninterrupted run: {clean_seconds:.1f} s")
     out = work / "killed"
+    last = out / "at" / "last.pt"
+    epoch_seconds = clean_seconds / args.epochs  # an upper bound: it includes start-up
     kills = 0
+
+    def epochs_done() -> int:
+        try:
+            return read_checkpoint(last)["epoch"] + 1 if last.is_file() else 0
+        except Exception:  # caught mid-rename: not there yet
+            return 0
+
     while True:
         proc = subprocess.Popen(command(out, args.epochs, resume=kills > 0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if kills < args.kills:
-            delay = rng.uniform(2.0, max(3.0, clean_seconds / (args.kills + 1)))
-            try:
-                proc.wait(timeout=delay)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                last = out / "at" / "last.pt"
-                epoch = read_checkpoint(last)["epoch"] + 1 if last.is_file() else 0
-                kills += 1
-                print(f"kill {kills}: SIGKILL after {delay:.1f} s, {epoch} epoch(s) complete")
-                continue
+        # kill once this run has finished at least one more epoch (so every resume makes progress),
+        # at a random moment inside the epoch after it, until the planned number of kills is reached
+        if kills < args.kills and epochs_done() < args.epochs - 1:
+            start = epochs_done()
+            while proc.poll() is None and epochs_done() <= start:
+                time.sleep(0.05)
+            if proc.poll() is None:
+                delay = rng.uniform(0.05, 0.95) * epoch_seconds
+                time.sleep(delay)
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    kills += 1
+                    print(f"kill {kills}: SIGKILL {delay:.1f} s into epoch {epochs_done() + 1}; {epochs_done()} epoch(s) saved")
+                    continue
         if proc.wait() != 0:
             print(proc.stderr.read().decode(), file=sys.stderr)
             return 1

@@ -28,8 +28,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data, model and run")
-    g.add_argument("--profile", choices=["paper", "cpu", "demo"], default=None,
-                   help="preset of all settings: paper (GPU), cpu (small, minutes), demo (synthetic, ~2 min)")
+    g.add_argument("--profile", choices=["paper", "cpu", "demo", "book"], default=None,
+                   help="preset of all settings: paper (GPU), cpu (small, minutes), demo (synthetic, ~2 min), "
+                        "book (Fashion-MNIST, the book's chapters 1-5)")
     g.add_argument("--dataset", help="dataset name (see `riftlab list`)")
     g.add_argument("--model", help="model name (see `riftlab list`)")
     g.add_argument("--width", type=int, help="first-stage channels (ResNet) or widen factor (WRN)")
