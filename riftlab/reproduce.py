@@ -172,8 +172,8 @@ def format_table1(table: pd.DataFrame) -> str:
         cells = []
         for m in _METRICS:
             sd = r.get(f"{m}_sd")
-            cells.append(f"{r[m]:6.2f} ± {sd:4.2f}" if isinstance(sd, float) and sd == sd and not r["source"].startswith("paper")
-                         else f"{r[m]:13.2f}")
+            several = r.get("seeds", 1) > 1 and not r["source"].startswith("paper")  # no spread from one seed
+            cells.append(f"{r[m]:6.2f} ± {sd:4.2f}" if several and isinstance(sd, float) and sd == sd else f"{r[m]:13.2f}")
         lines.append(f"{r['method']:9s} {r['source']:28s} " + " ".join(f"{c:>13s}" for c in cells))
     if not any(table["source"].str.startswith("paper")):
         lines.append(f"(the paper has no {table['model'].iloc[0]} row on {table['dataset'].iloc[0]})")
