@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .pipeline import PROFILES
 from .zoo import MissingDependencyError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingDependencyError)
@@ -28,7 +29,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data, model and run")
-    g.add_argument("--profile", choices=["paper", "cpu", "demo", "book"], default=None,
+    g.add_argument("--profile", choices=list(PROFILES), default=None,
                    help="preset of all settings: paper (GPU), cpu (small, minutes), demo (synthetic, ~2 min), "
                         "book (Fashion-MNIST, the book's chapters 1-5)")
     g.add_argument("--dataset", help="dataset name (see `riftlab list`)")
@@ -168,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table", type=int, choices=[1], default=1, help="the paper's table (Table 1: Std / OOD / Adv, AT vs AT+RiFT)")
     p.add_argument("--model", default="resnet18", help="model name (see `riftlab list`)")
     p.add_argument("--dataset", default="cifar10", help="dataset name (see `riftlab list`)")
-    p.add_argument("--profile", choices=["paper", "cpu", "demo", "book"], default=None,
+    p.add_argument("--profile", choices=list(PROFILES), default=None,
                    help="settings preset (default: paper for cifar10/cifar100/tinyimagenet, cpu otherwise)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean and std (the paper: 3 seeds)")
     p.add_argument("--width", type=int)

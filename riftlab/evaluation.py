@@ -74,20 +74,30 @@ def evaluate(
             "eps": eps, "step": alpha, "steps": steps, "restarts": restarts, "n": counts["total"]}
 
 
+def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, restarts: int,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean masks (N,): correct on the clean image, and correct under every one of ``restarts`` PGD attacks.
+
+    Only examples still correct are attacked again, which leaves the worst case unchanged.
+    """
+    with torch.no_grad():
+        clean = model(x).argmax(1) == y
+    alive = clean.clone()
+    for _ in range(restarts):
+        idx = alive.nonzero().squeeze(1)
+        if len(idx) == 0:
+            break
+        x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
+        with torch.no_grad():
+            alive[idx] = model(x_adv).argmax(1) == y[idx]
+    return clean, alive
+
+
 def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, restarts: int,
                     gen: torch.Generator) -> tuple[int, int]:
     try:
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
-        clean = int(alive.sum())
-        for _ in range(restarts):
-            idx = alive.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
-            with torch.no_grad():
-                alive[idx] = model(x_adv).argmax(1) == y[idx]
-        return clean, int(alive.sum())
+        clean, robust = _robust_correct(model, x, y, eps, alpha, steps, restarts, gen)
+        return int(clean.sum()), int(robust.sum())
     except torch.cuda.OutOfMemoryError:
         if len(y) == 1:
             raise

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import torch
+import torch.nn as nn
 
 from .checkpoint import load_checkpoint
-from .data import dataset_info
+from .data import Batches, ImageSet, dataset_info
 from .ood import ood_accuracy
 from .paper import DATASETS, MODELS, TABLE1
 from .pipeline import PROFILES, RiftConfig, _write_csv, _write_json, build_for, prepare, run_rift
@@ -87,23 +89,21 @@ def reproduce_table1(
         cfg = cfg.resolved()
         splits, device = prepare(cfg)
         ood = {}
-        for method, checkpoint in (("AT", "at.pt"), ("AT+RiFT", "rift.pt")):
+        for method, tag in (("AT", "at"), ("AT+RiFT", "rift")):
             net = build_for(cfg, splits)
-            load_checkpoint(net, run_dir / checkpoint)
+            load_checkpoint(net, run_dir / f"{tag}.pt")
             net.to(device)
-            tag = "at" if method == "AT" else "rift"
             result = ood_accuracy(net, None if c_dir else splits.test, corruptions, severities, c_dir=c_dir,
                                   dataset=dataset if c_dir else None, image_shape=(info.channels, info.image_size, info.image_size),
                                   max_examples=ood_examples, subset_seed=cfg.seed, batch_size=cfg.eval_batch_size, seed=cfg.seed,
                                   progress=cfg.progress, checkpoint_path=run_dir / "progress" / f"ood-{tag}.pt")
             _write_csv(run_dir / f"ood-{tag}.csv", result.table)
             ood[method] = result
-        for method, key in (("AT", "at"), ("AT+RiFT", "rift")):
-            test = results["test"][key]
-            row = {"seed": seed, "method": method, "std": test["clean_acc"], "ood": ood[method].mean, "adv": test["robust_acc"],
+            test = results["test"][tag]
+            row = {"seed": seed, "method": method, "std": test["clean_acc"], "ood": result.mean, "adv": test["robust_acc"],
                    "module": results["module"], "alpha": results["alpha"]}
             if autoattack_examples:
-                row.update(_autoattack_row(cfg, splits, device, run_dir, key, autoattack_examples))
+                row.update(_autoattack_row(cfg, net, splits.test, device, run_dir / f"autoattack-{tag}", autoattack_examples))
             rows.append(row)
         summary = {m: ood[m].summary() for m in ood}
         _write_json(run_dir / "ood.json", {"protocol": ood["AT"].protocol, "source": "published" if c_dir else "on-the-fly",
@@ -119,26 +119,19 @@ def reproduce_table1(
     return table
 
 
-def _autoattack_row(cfg: RiftConfig, splits, device, run_dir: Path, key: str, n: int) -> dict[str, float]:
-    """AutoAttack and PGD (same settings as ``adv``) on the first ``n`` test images; cached in the run dir."""
-    import json as _json
-
+def _autoattack_row(cfg: RiftConfig, net: nn.Module, test: ImageSet, device: torch.device, stem: Path, n: int) -> dict[str, float]:
+    """AutoAttack and PGD (same settings as ``adv``) on the first ``n`` test images; cached in ``stem-<n>.json``."""
     from .autoattack import autoattack_accuracy
-    from .data import Batches, ImageSet
     from .pipeline import evaluate_on_test
 
-    cached = run_dir / f"autoattack-{key}-{n}.json"
+    cached = stem.with_name(f"{stem.name}-{n}.json")
     if cached.is_file():
-        return _json.loads(cached.read_text())
-    net = build_for(cfg, splits)
-    load_checkpoint(net, run_dir / ("at.pt" if key == "at" else "rift.pt"))
-    net.to(device)
-    first = ImageSet(splits.test.images[:n], splits.test.labels[:n])
-    x = first.images.to(device).float().div(255)
-    y = first.labels.to(device)
-    aa = autoattack_accuracy(net, x, y, cfg.eps, seed=cfg.seed, log_path=run_dir / f"autoattack-{key}.log", batch_size=cfg.eval_batch_size)
+        return json.loads(cached.read_text())
+    first = ImageSet(test.images[:n], test.labels[:n])
+    aa = autoattack_accuracy(net, first.float().to(device), first.labels.to(device), cfg.eps, seed=cfg.seed,
+                             log_path=stem.with_suffix(".log"), batch_size=cfg.eval_batch_size)
     pgd = evaluate_on_test(cfg, net, Batches(first, cfg.eval_batch_size, device=device))
-    row = {"aa": aa["robust_acc"], "adv_aa_subset": pgd["robust_acc"], "aa_examples": len(y)}
+    row = {"aa": aa["robust_acc"], "adv_aa_subset": pgd["robust_acc"], "aa_examples": len(first)}
     _write_json(cached, row)
     return row
 

@@ -45,7 +45,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import eval_mode, pgd
+from .attacks import eval_mode
+from .evaluation import _robust_correct
 
 __all__ = ["CheckResult", "gradient_masking_checks", "autoattack_checks", "is_flagged", "warning_lines", "LARGE_EPS"]
 
@@ -91,16 +92,7 @@ def _robust_mask(model: nn.Module, data: Sequence[Batch], eps: float, alpha: flo
     masks = []
     for i, (x, y) in enumerate(data):
         gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + i)
-        with torch.no_grad():
-            alive = model(x).argmax(1) == y
-        for _ in range(restarts):
-            idx = alive.nonzero().squeeze(1)
-            if len(idx) == 0:
-                break
-            x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
-            with torch.no_grad():
-                alive[idx] = model(x_adv).argmax(1) == y[idx]
-        masks.append(alive)
+        masks.append(_robust_correct(model, x, y, eps, alpha, steps, restarts, gen)[1])
     return torch.cat(masks)
 
 

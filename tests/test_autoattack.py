@@ -6,29 +6,24 @@ import pytest
 import torch
 from _tiny_models import trained_tiny
 
-from riftlab import evaluate, load_dataset
+from riftlab import evaluate
 from riftlab.autoattack import autoattack_accuracy
 
 EPS = 8 / 255
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)
-
-
-@pytest.fixture(scope="module")
-def robust_tiny(splits):
+def robust_tiny(tiny_splits):
     """A tiny CNN adversarially trained for a few epochs: some test images survive PGD at 8/255."""
-    return trained_tiny(splits, attack_steps=2, epochs=4)
+    return trained_tiny(tiny_splits, attack_steps=2, epochs=4)
 
 
-def _first(splits, n):
-    return splits.test.float()[:n], splits.test.labels[:n]
+def _first(tiny_splits, n):
+    return tiny_splits.test.float()[:n], tiny_splits.test.labels[:n]
 
 
-def test_standard_autoattack_bounds_agrees_with_pgd_and_repeats(splits, robust_tiny, tmp_path):
-    x, y = _first(splits, 16)
+def test_standard_autoattack_bounds_agrees_with_pgd_and_repeats(tiny_splits, robust_tiny, tmp_path):
+    x, y = _first(tiny_splits, 16)
     log = tmp_path / "aa.log"
     logger = logging.getLogger("auto-attack")
     before = (logger.level, logger.propagate, list(logger.handlers))
@@ -54,8 +49,8 @@ def test_standard_autoattack_bounds_agrees_with_pgd_and_repeats(splits, robust_t
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in aa.items() if k != "seconds"}
 
 
-def test_autoattack_restores_train_mode_and_rejects_bad_input(splits, robust_tiny):
-    x, y = _first(splits, 4)
+def test_autoattack_restores_train_mode_and_rejects_bad_input(tiny_splits, robust_tiny):
+    x, y = _first(tiny_splits, 4)
     robust_tiny.train()
     try:
         large = autoattack_accuracy(robust_tiny, x, y, 0.5)  # every image falls to APGD-CE: the later attacks are skipped

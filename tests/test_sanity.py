@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from _tiny_models import ROUNDED, TINY, trained_tiny
 
-from riftlab import Batches, build_model, load_dataset, save_checkpoint
+from riftlab import Batches, build_model, save_checkpoint
 from riftlab.cli import main
 from riftlab.sanity import autoattack_checks, gradient_masking_checks, is_flagged, warning_lines
 
@@ -28,34 +28,29 @@ class Noisy(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def splits():
-    return load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)
-
-
-@pytest.fixture(scope="module")
-def honest(splits):
+def honest(tiny_splits):
     """A tiny CNN trained normally: about 90% clean accuracy, no robustness at 8/255."""
-    return trained_tiny(splits, attack_steps=0, epochs=8)
+    return trained_tiny(tiny_splits, attack_steps=0, epochs=8)
 
 
-def _rounded(splits, honest):
+def _rounded(tiny_splits, honest):
     """The honest model's weights behind a rounding of the input (zero gradient everywhere): a masked model."""
-    info = splits.info
+    info = tiny_splits.info
     model = build_model(ROUNDED, info.num_classes, info.channels, info.image_size, 8, info.mean, info.std)
     model.load_state_dict(honest.state_dict())
     return model.eval()
 
 
-def _data(splits, n=128):
-    return Batches(splits.test.subset(n), 64)
+def _data(tiny_splits, n=128):
+    return Batches(tiny_splits.test.subset(n), 64)
 
 
 def _by_name(checks):
     return {c.name: c for c in checks}
 
 
-def test_honest_model_passes_every_check(splits, honest):
-    checks = gradient_masking_checks(honest, _data(splits), EPS, STEP)
+def test_honest_model_passes_every_check(tiny_splits, honest):
+    checks = gradient_masking_checks(honest, _data(tiny_splits), EPS, STEP)
     names = _by_name(checks)
     assert set(names) == {"eps_zero_is_clean", "more_restarts_never_help", "more_steps_never_help", "monotone_in_eps",
                           "large_eps_breaks_model", "gradients_not_zero"}
@@ -67,8 +62,8 @@ def test_honest_model_passes_every_check(splits, honest):
     assert all(isinstance(c.to_dict()["detail"], str) for c in checks)
 
 
-def test_masked_model_is_flagged(splits, honest):
-    checks = gradient_masking_checks(_rounded(splits, honest), _data(splits), EPS, STEP)
+def test_masked_model_is_flagged(tiny_splits, honest):
+    checks = gradient_masking_checks(_rounded(tiny_splits, honest), _data(tiny_splits), EPS, STEP)
     names = _by_name(checks)
     assert is_flagged(checks)
     failed = {c.name for c in checks if not c.passed}
@@ -79,8 +74,8 @@ def test_masked_model_is_flagged(splits, honest):
     assert any(line.startswith("WARNING: sanity check gradients_not_zero failed:") and "exactly zero" in line for line in lines)
 
 
-def test_randomised_model_is_flagged(splits, honest):
-    checks = gradient_masking_checks(Noisy(honest), _data(splits, 64), EPS, STEP, eps_factors=(0.0, 1.0), steps=3)
+def test_randomised_model_is_flagged(tiny_splits, honest):
+    checks = gradient_masking_checks(Noisy(honest), _data(tiny_splits, 64), EPS, STEP, eps_factors=(0.0, 1.0), steps=3)
     failed = {c.name for c in checks if not c.passed}
     assert "eps_zero_is_clean" in failed  # its output changes with nothing attacked
 
@@ -96,13 +91,13 @@ def test_autoattack_comparison_tolerances():
     assert not is_flagged(autoattack_checks(pgd_acc=50.0, autoattack_acc=56.25, n=16))
 
 
-def test_bad_arguments_are_reported(splits, honest):
+def test_bad_arguments_are_reported(tiny_splits, honest):
     with pytest.raises(ValueError, match="restarts"):
-        gradient_masking_checks(honest, _data(splits, 8), EPS, STEP, restarts=1)
+        gradient_masking_checks(honest, _data(tiny_splits, 8), EPS, STEP, restarts=1)
     with pytest.raises(ValueError, match="include 0"):
-        gradient_masking_checks(honest, _data(splits, 8), EPS, STEP, eps_factors=(1.0, 2.0))
+        gradient_masking_checks(honest, _data(tiny_splits, 8), EPS, STEP, eps_factors=(1.0, 2.0))
     with pytest.raises(ValueError, match="pixel units"):
-        gradient_masking_checks(honest, _data(splits, 8), 8.0, STEP)
+        gradient_masking_checks(honest, _data(tiny_splits, 8), 8.0, STEP)
 
 
 def _evaluate_cli(tmp_path, model, name, capsys):
@@ -116,7 +111,7 @@ def _evaluate_cli(tmp_path, model, name, capsys):
     return result, captured.err
 
 
-def test_cli_evaluate_autoattack_and_sanity(tmp_path, splits, honest, capsys):
+def test_cli_evaluate_autoattack_and_sanity(tmp_path, tiny_splits, honest, capsys):
     assert honest.riftlab_config["model"] == TINY
     result, err = _evaluate_cli(tmp_path, honest, "honest", capsys)
     aa = result["autoattack"]
@@ -127,8 +122,8 @@ def test_cli_evaluate_autoattack_and_sanity(tmp_path, splits, honest, capsys):
     assert result["flagged"] is False and "WARNING" not in err
 
 
-def test_cli_flags_a_masked_checkpoint(tmp_path, splits, honest, capsys):
-    result, err = _evaluate_cli(tmp_path, _rounded(splits, honest), "masked", capsys)
+def test_cli_flags_a_masked_checkpoint(tmp_path, tiny_splits, honest, capsys):
+    result, err = _evaluate_cli(tmp_path, _rounded(tiny_splits, honest), "masked", capsys)
     aa = result["autoattack"]
     assert aa["pgd_robust_acc"] > aa["robust_acc"] + 20  # blind PGD reports robustness that the black-box Square attack removes
     assert result["flagged"] is True
