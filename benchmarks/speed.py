@@ -18,6 +18,11 @@ Measured (every number is a measurement of this run, never an extrapolation):
 The baseline re-implements the reference style inside this file: fp32, a DataLoader with CPU
 transforms on PIL images, PGD whose ``loss.backward()`` also fills every weight's ``.grad``,
 per-batch ``.item()`` logging, and one ``copy.deepcopy`` of the whole model per module for MRC.
+
+riftlab's path runs as a user gets it: ``--precision auto`` (bf16 autocast and channels_last on
+CUDA, fp32 on the CPU), optionally ``--compile``. When riftlab computes in bf16, the same AT model
+is also evaluated in fp32 on the same images with the same random starts, and the difference in
+clean and robust accuracy is reported (bf16 must agree with fp32 within noise).
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import riftlab
 from riftlab._util import resolve_device, seed_everything
 from riftlab.attacks import pgd
 from riftlab.checkpoint import load_checkpoint
+from riftlab.compute import PRECISIONS, set_precision, to_device, use_precision, uses_bf16
 from riftlab.criticality import adversarial_set, module_robust_criticality
 from riftlab.data import Batches, ImageSet, load_dataset
 from riftlab.evaluation import evaluate
@@ -305,6 +311,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "parts) or baseline-<part>")
     p.add_argument("--peak-tflops", type=float, default=None, help="device bf16 dense peak, TFLOP/s (default: known GPUs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="riftlab's precision (the baseline is always fp32; default auto)")
+    p.add_argument("--compile", action="store_true", help="riftlab trains through torch.compile (AT and fine-tuning)")
     p.add_argument("--json", default=None, help="also write the results as JSON here")
     p.add_argument("--smoke", action="store_true", help="tiny preset: width 4, 512 train, 128 val, 256 test, 64 MRC examples, "
                    "1 pass, 1 fine-tuning epoch, 2 warm-up batches")
@@ -332,11 +340,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     name = device_name(device)
+    set_precision(args.precision)
+    riftlab_dtype = "bfloat16 autocast" if uses_bf16(device) else "float32"
     splits = load_dataset("synthetic-cifar10", synthetic_sizes=(args.train + args.val, args.test), val_size=args.val, split_seed=args.seed)
     info = splits.info
     mrc_data = splits.train.subset(args.mrc_examples, seed=args.seed)
 
     def fresh_model() -> nn.Module:
+        """riftlab's path: channels_last on CUDA (to_device); the baseline moves its copies with a plain .to(device)."""
+        seed_everything(args.seed)
+        return to_device(build_model(args.model, info.num_classes, info.channels, info.image_size, args.width, info.mean, info.std), device)
+
+    def baseline_model() -> nn.Module:
         seed_everything(args.seed)
         return build_model(args.model, info.num_classes, info.channels, info.image_size, args.width, info.mean, info.std).to(device)
 
@@ -360,15 +375,16 @@ def main(argv: list[str] | None = None) -> int:
         model = fresh_model()
         init_state = copy.deepcopy(model.state_dict())
         if args.warmup_batches > 0:
-            adversarial_train(copy.deepcopy(model), warm, None, epochs=1, attack_steps=args.steps, eps=EPS, step=STEP, seed=args.seed)
+            adversarial_train(copy.deepcopy(model), warm, None, epochs=1, attack_steps=args.steps, eps=EPS, step=STEP, seed=args.seed,
+                              compile=args.compile)
         with clock():
             adversarial_train(model, train_batches, None, epochs=args.epochs_measured, attack_steps=args.steps, eps=EPS, step=STEP,
-                              seed=args.seed)
+                              seed=args.seed, compile=args.compile)
         r_epoch, r_mem = clock.seconds / args.epochs_measured, clock.peak_gib
         at_model = model
         b_epoch = b_mem = None
         if args.run_baseline["at"]:
-            base = fresh_model()
+            base = baseline_model()
             base.load_state_dict(init_state)
             opt = torch.optim.SGD(base.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
             loader = baseline_loader(splits.train, args.batch, True, args.workers, args.seed)
@@ -442,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
         record("eval_clean_acc", "eval clean accuracy (%)", "%", r_result["clean_acc"], b_result["clean_acc"] if b_result else None)
         record("eval_robust_acc", "eval robust accuracy (%)", "%", r_result["robust_acc"], b_result["robust_acc"] if b_result else None)
         metrics["eval_clean_acc"]["ratio"] = metrics["eval_robust_acc"]["ratio"] = None  # sanity checks, not speed
+        if uses_bf16(device):  # the same model, images and random starts in fp32: how much does bf16 move the numbers?
+            with use_precision("fp32"):
+                fp32_result = evaluate(source, test_batches, EPS, STEP, args.steps, restarts=1, seed=args.seed)
+            for key, label in (("clean_acc", "clean"), ("robust_acc", "robust")):
+                record(f"bf16_minus_fp32_{key}", f"bf16 - fp32 {label} accuracy (points)", "points", r_result[key] - fp32_result[key], None)
         notes.append(f"riftlab's evaluate attacks only the clean-correct images ({r_result['clean_acc']:.1f}% here); the baseline "
                      "attacks all of them, as the reference does: the eval speed-up depends on the model's clean accuracy; "
                      "the 'every image attacked' row runs riftlab's pgd on all images for a like-for-like comparison")
@@ -466,13 +487,15 @@ def main(argv: list[str] | None = None) -> int:
             chosen["riftlab"] = str(table["module"].iloc[0])
             del adv
             if args.run["pipeline"]:
-                ft = finetune_module(model, chosen["riftlab"], train_batches, val_batches, epochs=args.ft_epochs)
+                ft = finetune_module(model, chosen["riftlab"], train_batches, val_batches, epochs=args.ft_epochs, compile=args.compile)
                 curve = interpolation_curve(model, theta_at, ft.model.state_dict(), val_batches, EPS, STEP, args.steps, seed=args.seed)
                 select_alpha(curve)
         stages["riftlab"] = {"adv": t1 - t0, "ascent": t2 - t1, "mrc": t2 - t0, "pipeline": clock.seconds if args.run["pipeline"] else None}
         peaks["riftlab"] = clock.peak_gib
         if args.run_baseline["mrc"] or (args.run_baseline["pipeline"] and args.run["pipeline"]):
-            model = copy.deepcopy(source)
+            model = baseline_model()
+            model.load_state_dict(source.state_dict())
+            model.eval()
             with clock():
                 t0 = time.perf_counter()
                 adv = baseline_adversarial_set(model, baseline_loader(mrc_data, args.eval_batch, False, args.workers, args.seed), device, args.steps)
@@ -507,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                         if "baseline" in chosen and chosen["baseline"] != chosen["riftlab"] else ""))
 
     report = {
-        "device": name, "torch": torch.__version__, "riftlab": riftlab.__version__, "dtype": "float32 (both paths)",
+        "device": name, "torch": torch.__version__, "riftlab": riftlab.__version__, "dtype": f"riftlab {riftlab_dtype}, baseline float32",
         "config": {k: v for k, v in vars(args).items() if k not in ("run", "run_baseline")},
         "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "mrc_examples": len(mrc_data)},
         "metrics": metrics, "notes": notes, "targets": targets(metrics, args, name),

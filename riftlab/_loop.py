@@ -12,8 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from ._util import clone_state
 from .checkpoint import read_checkpoint, save_checkpoint
+from .compute import autocast
 
 
 def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], opt: torch.optim.Optimizer,
@@ -25,21 +27,26 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
     ``loss_fn(model, x, y) -> (loss, logits)`` replaces the cross-entropy on ``make_input(x, y)``
     for objectives that need more than one forward pass (TRADES, MART); accuracy is taken on its logits.
 
+    Forward passes (and the attacks inside ``make_input`` / ``loss_fn``) run under
+    :func:`riftlab.compute.autocast`; the backward pass and the update are outside it.
     Sums and the index of the first non-finite loss stay on the device: one host sync per epoch.
-    Returns mean loss, accuracy (percent) on the trained inputs, and ``first_bad_step`` (-1 if none).
+    Under torchrun (``model`` a DDP wrapper, ``batches`` this rank's slices) the sums are taken
+    over all ranks. Returns mean loss, accuracy (percent) on the trained inputs, and
+    ``first_bad_step`` (-1 if none).
     """
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
+    seen = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
-    seen = 0
     for step, (x, y) in enumerate(batches):
-        if loss_fn is not None:
-            loss, logits = loss_fn(model, x, y)
-        else:
-            x_in = make_input(x, y) if make_input is not None else x
-            logits = model(x_in)
-            loss = F.cross_entropy(logits, y)
+        with autocast(device):
+            if loss_fn is not None:
+                loss, logits = loss_fn(model, x, y)
+            else:
+                x_in = make_input(x, y) if make_input is not None else x
+                logits = model(x_in).float()
+                loss = F.cross_entropy(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -47,7 +54,10 @@ def train_epoch(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Te
         correct += (logits.detach().argmax(1) == y).sum()
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         seen += len(y)
-    return {"loss": float(loss_sum) / max(seen, 1), "acc": 100.0 * float(correct) / max(seen, 1), "first_bad_step": int(first_bad)}
+    distributed.all_reduce_sum(loss_sum, correct, seen)
+    distributed.all_reduce_max(first_bad)
+    n = max(float(seen), 1.0)
+    return {"loss": float(loss_sum) / n, "acc": 100.0 * float(correct) / n, "first_bad_step": int(first_bad)}
 
 
 @dataclass

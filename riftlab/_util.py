@@ -35,7 +35,10 @@ def seed_everything(seed: int) -> None:
 
 
 def progress(iterable: Iterable[T], enabled: bool, **kwargs) -> Iterable[T]:
-    if not enabled:
+    """A tqdm bar over ``iterable`` when ``enabled`` (only on rank 0 under torchrun)."""
+    from .distributed import is_main
+
+    if not enabled or not is_main():
         return iterable
     from tqdm.auto import tqdm
 

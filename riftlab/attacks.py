@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .compute import autocast
+from .distributed import unwrap
+
 __all__ = ["pgd", "eval_mode"]
 
 
@@ -38,7 +41,9 @@ def pgd(
 
     BatchNorm runs in eval mode during the attack (its statistics are not updated by adversarial
     batches, and each example is attacked independently of its batch mates). Only the gradient
-    with respect to the input is computed: weights get no ``.grad``.
+    with respect to the input is computed: weights get no ``.grad``, and the backward pass skips
+    the weight-gradient kernels. Forward and backward run under :func:`riftlab.compute.autocast`
+    (bf16 on CUDA by default); the step and the projection are fp32.
 
     Args:
         model: maps images in [0, 1], shaped (N, C, H, W), to logits (N, K).
@@ -63,10 +68,12 @@ def pgd(
         x_adv = x.clone()
     if eps == 0 or steps == 0:
         return x_adv
+    model = unwrap(model)  # a DDP wrapper would prepare a gradient all-reduce that never comes
     with eval_mode(model):
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+            with autocast(x.device):
+                loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
                 x_adv = x_adv.detach() + alpha * grad.sign()

@@ -37,6 +37,7 @@ import torch.nn as nn
 from . import __version__
 from ._util import milestones_for, resolve_device, seed_everything
 from .checkpoint import read_checkpoint, save_checkpoint
+from .compute import to_device
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits
 from .evaluation import accuracy, evaluate
@@ -327,10 +328,10 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
         milestones = milestones_for(cfg.at_epochs, 110, (100, 105))
         train_eval = Batches(splits.train.subset(train_eval_size, seed=cfg.seed + 7), cfg.eval_batch_size, device=device)
         seed_everything(cfg.seed)
-        at = build_for(cfg, splits).to(device)
+        at = to_device(build_for(cfg, splits), device)
         at_history, at_best = _train_history_with_train_accuracy(cfg, at, batches, train_eval, milestones)
         seed_everything(cfg.seed)
-        standard = build_for(cfg, splits).to(device)
+        standard = to_device(build_for(cfg, splits), device)
         std = adversarial_train(standard, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=milestones,
                                 attack_steps=0, seed=cfg.seed)
         return {"at": _cpu_state(at), "standard": _cpu_state(standard), "at_history": at_history, "standard_history": std.history,
@@ -341,7 +342,7 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
     for key in ("at", "standard"):
         model = build_for(cfg, splits)
         model.load_state_dict(saved[key])
-        out[key] = model.to(device).eval()
+        out[key] = to_device(model, device).eval()
         out[f"{key}_history"] = _frame(saved[f"{key}_history"])
         out[f"{key}_best_epoch"] = int(saved[f"{key}_best_epoch"])
     return out

@@ -11,6 +11,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
+from . import distributed
+
 __all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "extract_state_dict", "CheckpointError"]
 
 
@@ -21,9 +23,12 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path:
     """Write ``payload`` with ``torch.save`` atomically: temporary file, fsync, rename.
 
-    A crash mid-write leaves the previous checkpoint intact, never a truncated file.
+    A crash mid-write leaves the previous checkpoint intact, never a truncated file. Under
+    torchrun only rank 0 writes (every rank holds the same weights); the others return at once.
     """
     path = Path(path)
+    if not distributed.is_main():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     umask = os.umask(0)

@@ -9,6 +9,9 @@ there by default, so the steps chain::
     riftlab interpolate --out runs/c10
     riftlab evaluate --checkpoint runs/c10/rift.pt --out runs/c10
     riftlab ablate --out runs/c10          # the paper's ablations (Tables 3-4), after train-at and mrc
+
+Several GPUs: ``torchrun --nproc_per_node N -m riftlab rift ...`` (any command; see
+:mod:`riftlab.distributed`). Rank 0 prints and writes; the other ranks are silent.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import __version__
+from .compute import to_device
 from .pipeline import PROFILES
 from .zoo import MissingDependencyError
 
@@ -47,6 +51,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eps", type=float, help="l_inf budget in pixel units (default: the dataset's, 8/255 for CIFAR)")
     g.add_argument("--step", type=float, help="PGD step in pixel units (default: the dataset's, 2/255 for CIFAR)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 autocast on CUDA, fp32 on the CPU; fp32 or bf16 everywhere")
+    g.add_argument("--compile", action="store_true", default=None, help="train through torch.compile (slow first batches)")
     g.add_argument("--resume", action="store_true", help="continue an unfinished run in --out")
     g.add_argument("--overwrite", action="store_true", help="start over, removing riftlab's files in --out")
 
@@ -247,7 +254,7 @@ def _load_model(cfg, splits, path: str | Path, device):
 
     model = build_for(cfg, splits)
     load_checkpoint(model, path)
-    return model.to(device)
+    return to_device(model, device)
 
 
 def _starting_model(cfg, splits, path: Path | None, device):
@@ -256,7 +263,7 @@ def _starting_model(cfg, splits, path: Path | None, device):
         return _load_model(cfg, splits, path, device)
     from .zoo import load_robustbench_model, robustbench_dataset
 
-    return load_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model, cfg.model_dir).to(device)
+    return to_device(load_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model, cfg.model_dir), device)
 
 
 def _at_checkpoint(args: argparse.Namespace, out: Path) -> Path | None:
@@ -276,6 +283,10 @@ def _checkpoint(path: str | None, out: Path, default: str, how: str) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still reach stderr
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
@@ -348,13 +359,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         cfg = config_from_args(args)
         splits, device = prepare(cfg)
-        model = build_for(cfg, splits).to(device)
+        model = to_device(build_for(cfg, splits), device)
         meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "at_method": cfg.at_method, "at_beta": cfg.at_beta}
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
                                    attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta, eval_steps=cfg.eval_steps, seed=cfg.seed,
-                                   out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress)
+                                   out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress, compile=cfg.compile)
         save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         print(f"best epoch {result.best_epoch}: {result.history[result.best_epoch - 1]}\nwrote {out / 'at.pt'}")
@@ -394,7 +405,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         ft = finetune_module(model, module, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                             milestones=[max(1, cfg.ft_epochs // 2)], out_dir=_stage_dir(out, "ft", args), progress=cfg.progress)
+                             milestones=[max(1, cfg.ft_epochs // 2)], out_dir=_stage_dir(out, "ft", args), progress=cfg.progress,
+                             compile=cfg.compile)
         save_checkpoint(out / "ft.pt", {"model_state": ft.model.state_dict(), "meta": {**meta, "stage": "finetuned", "module": module}})
         _write_csv(out / "finetune.csv", pd.DataFrame(ft.history))
         print(f"fine-tuned {module}; best epoch {ft.best_epoch} ({ft.history[-1]})\nwrote {out / 'ft.pt'}")

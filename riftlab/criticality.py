@@ -20,9 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import distributed
 from ._loop import SweepProgress
 from ._util import progress as _progress
 from .attacks import eval_mode, pgd
+from .compute import autocast
 from .models import weight_modules
 
 __all__ = ["module_robust_criticality", "adversarial_set"]
@@ -50,7 +52,7 @@ def _loss_and_accuracy(model: nn.Module, adv: Sequence[Batch]) -> tuple[float, f
     correct = torch.zeros((), device=adv[0][0].device)
     n = 0
     for x, y in adv:
-        logits = model(x)
+        logits = model(x)  # fp32 even when the ascent runs in bf16: MRC is a small difference of two losses
         loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
@@ -68,6 +70,10 @@ def module_robust_criticality(
     progress: bool = False,
 ) -> pd.DataFrame:
     """MRC of every Conv2d / Linear weight, lowest (least robust-critical) first.
+
+    The ascent runs under :func:`riftlab.compute.autocast` (bf16 on CUDA by default); the losses
+    before and after it are measured in fp32, since MRC is a small difference of two losses.
+    Under torchrun the modules are shared out across the ranks and every rank returns the table.
 
     The model is left exactly as it was: each weight is perturbed in place, one at a time, and
     restored from a copy of that weight alone (no copy of the whole model per module). The model
@@ -105,40 +111,57 @@ def module_robust_criticality(
                                             "examples": sum(len(y) for _, y in adv)})
     rows = list(sweep.load().get("rows", []))
     finished = {row["module"] for row in rows}
+    todo = [n for n in names if n not in finished]
+    # Under torchrun the modules are handed out round-robin; after each round the rows are gathered
+    # (and saved by rank 0), so every rank ends with the whole table.
+    world, rank = distributed.world_size(), distributed.rank()
     flags = {p: p.requires_grad for p in model.parameters()}
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         with eval_mode(model):
             base_loss, base_acc = _loss_and_accuracy(model, adv)
-            for name in _progress([n for n in names if n not in finished], progress, desc="MRC", initial=len(finished), total=len(names)):
-                weight = candidates[name].weight
-                original = weight.detach().clone()
-                radius = eps * original.norm()
-                try:
-                    weight.requires_grad_(True)
-                    for _ in range(passes):
-                        for x, y in adv:
-                            loss = F.cross_entropy(model(x), y)
-                            (grad,) = torch.autograd.grad(loss, weight)
-                            with torch.no_grad():
-                                weight.add_(grad * (step_size * radius / grad.norm().clamp_min(1e-12)))
-                                # Project back onto the ball after every step (the reference checks once per pass).
-                                delta = weight - original
-                                scale = torch.clamp(radius / delta.norm().clamp_min(1e-30), max=1.0)
-                                weight.copy_(original + delta * scale)
-                    weight.requires_grad_(False)
-                    loss, acc = _loss_and_accuracy(model, adv)
-                    reached = float((weight.detach() - original).norm() / original.norm().clamp_min(1e-30))
-                finally:
-                    with torch.no_grad():
-                        weight.copy_(original)
-                    weight.requires_grad_(False)
-                rows.append({"module": name, "mrc": loss - base_loss, "adv_loss": base_loss, "perturbed_adv_loss": loss,
-                             "robust_acc": base_acc, "perturbed_robust_acc": acc, "robust_acc_drop": base_acc - acc,
-                             "params": weight.numel(), "relative_change": reached})
+            bar = _progress(range(0, len(todo), world), progress, desc="MRC", initial=len(finished), total=len(names))
+            for start in bar:
+                mine = todo[start + rank : start + rank + 1]
+                new_rows = [_module_row(model, candidates[name], name, adv, eps, passes, step_size, base_loss, base_acc) for name in mine]
+                for part in distributed.gather_objects(new_rows):
+                    rows.extend(part)
+                if hasattr(bar, "update") and world > 1:
+                    bar.update(min(world, len(todo) - start) - 1)
                 sweep.save({"rows": rows})
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
     return pd.DataFrame(rows).sort_values("mrc", kind="stable").reset_index(drop=True)
+
+
+def _module_row(model: nn.Module, module: nn.Module, name: str, adv: Sequence[Batch], eps: float, passes: int, step_size: float,
+                base_loss: float, base_acc: float) -> dict[str, float | str | int]:
+    """Projected gradient ascent on ``module``'s weight alone, then its MRC row; the weight is restored."""
+    weight = module.weight
+    original = weight.detach().clone()
+    radius = eps * original.norm()
+    try:
+        weight.requires_grad_(True)
+        for _ in range(passes):
+            for x, y in adv:
+                with autocast(x.device):
+                    loss = F.cross_entropy(model(x).float(), y)
+                (grad,) = torch.autograd.grad(loss, weight)
+                with torch.no_grad():
+                    weight.add_(grad * (step_size * radius / grad.norm().clamp_min(1e-12)))
+                    # Project back onto the ball after every step (the reference checks once per pass).
+                    delta = weight - original
+                    scale = torch.clamp(radius / delta.norm().clamp_min(1e-30), max=1.0)
+                    weight.copy_(original + delta * scale)
+        weight.requires_grad_(False)
+        loss, acc = _loss_and_accuracy(model, adv)
+        reached = float((weight.detach() - original).norm() / original.norm().clamp_min(1e-30))
+    finally:
+        with torch.no_grad():
+            weight.copy_(original)
+        weight.requires_grad_(False)
+    return {"module": name, "mrc": loss - base_loss, "adv_loss": base_loss, "perturbed_adv_loss": loss,
+            "robust_acc": base_acc, "perturbed_robust_acc": acc, "robust_acc_drop": base_acc - acc,
+            "params": weight.numel(), "relative_change": reached}

@@ -11,6 +11,7 @@ random-crop and flip augmentation done on the device (no DataLoader workers, no 
 
 from __future__ import annotations
 
+import copy
 import gzip
 import hashlib
 import os
@@ -25,6 +26,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .compute import batch_layout
 
 __all__ = [
     "DatasetInfo",
@@ -190,6 +193,16 @@ class Batches:
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
         self.crop_padding, self.seed, self.drop_last = crop_padding, seed, drop_last
         self.epoch = 0
+        self.part: tuple[int, int] | None = None  # (rank, world size) of a sharded view
+
+    def sharded(self, rank: int, world: int) -> "Batches":
+        """A view that yields only slice ``rank`` of ``world`` of every batch (same data, same order,
+        same augmentation as the whole batch: the union over ranks is exactly what one process sees)."""
+        if not 0 <= rank < world:
+            raise ValueError(f"rank must be in [0, {world}), got {rank}")
+        view = copy.copy(self)
+        view.part = (rank, world)
+        return view
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -211,9 +224,15 @@ class Batches:
             sl = slice(i * self.batch_size, min((i + 1) * self.batch_size, n))
             idx = order[sl] if order is not None else sl
             x = self.images[idx].float().div_(255)
+            y = self.labels[idx]
             if self.augment:
                 x = augment_batch(x, self.crop_padding, gen)
-            yield x, self.labels[idx]
+            if self.part is not None:
+                if self.shuffle and len(y) < self.part[1]:
+                    continue  # a training batch too small to give every rank an example (DDP needs all ranks)
+                mine = torch.arange(len(y), device=self.device).tensor_split(self.part[1])[self.part[0]]
+                x, y = x[mine], y[mine]
+            yield batch_layout(x), y
 
 
 def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -8,21 +8,29 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 
+from . import distributed
 from ._loop import SweepProgress
 from .attacks import eval_mode, pgd
+from .compute import autocast
 
 __all__ = ["evaluate", "accuracy"]
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Clean top-1 accuracy in percent."""
-    correct = total = 0
-    with eval_mode(model):
+    """Clean top-1 accuracy in percent (under torchrun, each rank counts its slice of every batch)."""
+    model = distributed.unwrap(model)
+    batches, sharded = distributed.shard(batches)
+    device = next(model.parameters()).device
+    counts = torch.zeros(2, device=device, dtype=torch.long)  # correct, total
+    with eval_mode(model), autocast(device):
         for x, y in batches:
-            correct += (model(x).argmax(1) == y).sum()
-            total += len(y)
-    return 100.0 * float(correct) / max(total, 1)
+            counts[0] += (model(x).argmax(1) == y).sum()
+            counts[1] += len(y)
+    if sharded:
+        distributed.all_reduce_sum(counts)
+    correct, total = counts.tolist()
+    return 100.0 * correct / max(total, 1)
 
 
 def evaluate(
@@ -45,11 +53,20 @@ def evaluate(
     A batch that does not fit in GPU memory is evaluated in halves (the result is the same).
     With ``checkpoint_path``, the counts and the attack's random state are saved after every
     batch and an existing file resumes the evaluation.
+
+    Under torchrun, each rank attacks its slice of every batch (random starts drawn from
+    ``seed`` and the rank) and the counts are summed over the ranks; ``checkpoint_path`` is then
+    not used (a rank's partial counts mean nothing alone).
     """
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     if eps < 0 or alpha < 0 or steps < 0:
         raise ValueError(f"eps, alpha (step size) and steps must be non-negative, got {eps}, {alpha}, {steps}")
+    model = distributed.unwrap(model)
+    batches, sharded = distributed.shard(batches)
+    if sharded:
+        checkpoint_path = None
+        seed = seed + 1_000_003 * distributed.rank()
     progress = SweepProgress(checkpoint_path, {"eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "seed": seed})
     state = progress.load()
     done = state.get("batches", 0)
@@ -69,6 +86,10 @@ def evaluate(
             counts["total"] += len(y)
             if checkpoint_path is not None:
                 progress.save({"batches": i + 1, **counts, "generator": gen.get_state()})
+    if sharded:
+        summed = torch.tensor([counts["clean"], counts["robust"], counts["total"]], device=next(model.parameters()).device)
+        distributed.all_reduce_sum(summed)
+        counts = dict(zip(("clean", "robust", "total"), summed.tolist()))
     total = max(counts["total"], 1)
     return {"clean_acc": 100.0 * counts["clean"] / total, "robust_acc": 100.0 * counts["robust"] / total,
             "eps": eps, "step": alpha, "steps": steps, "restarts": restarts, "n": counts["total"]}
@@ -80,15 +101,15 @@ def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
 
     Only examples still correct are attacked again, which leaves the worst case unchanged.
     """
-    with torch.no_grad():
+    with torch.no_grad(), autocast(x.device):
         clean = model(x).argmax(1) == y
     alive = clean.clone()
     for _ in range(restarts):
-        idx = alive.nonzero().squeeze(1)
+        idx = alive.nonzero().squeeze(1)  # one host sync per restart: the attacked batch's size
         if len(idx) == 0:
             break
         x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
-        with torch.no_grad():
+        with torch.no_grad(), autocast(x.device):
             alive[idx] = model(x_adv).argmax(1) == y[idx]
     return clean, alive
 

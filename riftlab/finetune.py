@@ -10,8 +10,10 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from . import distributed
 from ._loop import EpochCheckpoint, LoopState, train_epoch
 from ._util import progress as _progress
+from .compute import compiled
 from .data import Batches
 from .evaluation import accuracy
 from .models import weight_modules
@@ -56,6 +58,7 @@ def finetune_module(
     out_dir: str | os.PathLike | None = None,
     resume: bool = True,
     progress: bool = False,
+    compile: bool = False,
 ) -> FinetuneResult:
     """Fine-tune the weight of module ``module_name`` (exact name) on clean data.
 
@@ -75,6 +78,10 @@ def finetune_module(
     data). The starting point is not a candidate: the interpolation's alpha = 0 already is.
     Without ``val`` the last epoch is kept. With ``out_dir``, every epoch is checkpointed
     atomically and ``resume=True`` continues a killed run with the same result.
+
+    ``compile=True`` trains through ``torch.compile``; under torchrun the copy is trained with
+    DistributedDataParallel, each rank on its slice of every batch (with the default frozen
+    BatchNorm this is the single-process update, summed in another order).
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -94,16 +101,19 @@ def finetune_module(
     loop = ckpt.restore(tuned, opt, sched) if resume else LoopState()
     if val is not None and not loop.history:  # epoch 0 is the starting point, recorded but never selected
         loop.history.append({"epoch": 0, "lr": lr, "train_loss": None, "val_clean_acc": accuracy(tuned, val)})
+    fast = compiled(tuned, compile)
+    trainer = distributed.ddp(fast)
+    batches, _ = distributed.shard(train)
     for epoch in _progress(range(loop.next_epoch, epochs), progress, desc=f"fine-tuning {label}", initial=loop.next_epoch, total=epochs):
         tuned.train(update_bn_stats)
-        train.set_epoch(epoch)
-        stats = train_epoch(tuned, train, opt)
+        batches.set_epoch(epoch)
+        stats = train_epoch(trainer, batches, opt)
         sched.step()
         if stats["first_bad_step"] >= 0:
             raise ckpt.nonfinite_error("fine-tuning", stats["loss"], epoch, stats["first_bad_step"])
         record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": stats["loss"]}
         if val is not None:
-            record["val_clean_acc"] = accuracy(tuned, val)
+            record["val_clean_acc"] = accuracy(fast, val)
         loop.history.append(record)
         changed = loop.update_best(epoch + 1, record.get("val_clean_acc", epoch), tuned)
         ckpt.save(tuned, opt, sched, epoch, loop, changed)

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .attacks import eval_mode, pgd
+from .compute import autocast
+from .distributed import unwrap
 
 __all__ = ["AT_METHODS", "trades_loss", "mart_loss", "trades_attack", "at_objective"]
 
@@ -105,13 +107,15 @@ def trades_attack(
     x = x.detach()
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_adv = torch.min(torch.max(x + 0.001 * noise, x - eps), x + eps).clamp_(0, 1)
+    model = unwrap(model)
     with eval_mode(model):
-        with torch.no_grad():
-            log_p_clean = F.log_softmax(model(x), dim=1)
+        with torch.no_grad(), autocast(x.device):
+            log_p_clean = F.log_softmax(model(x).float(), dim=1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
-            log_p_adv = F.log_softmax(model(x_adv), dim=1)
-            loss = F.kl_div(log_p_adv, log_p_clean, reduction="sum", log_target=True)
+            with autocast(x.device):
+                log_p_adv = F.log_softmax(model(x_adv).float(), dim=1)
+                loss = F.kl_div(log_p_adv, log_p_clean, reduction="sum", log_target=True)
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
                 x_adv = x_adv.detach() + alpha * grad.sign()
@@ -136,17 +140,17 @@ def at_objective(
     check_method(method, beta)
 
     def pgd_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_adv = model(pgd(model, x, y, eps, step, steps, generator=generator))
+        logits_adv = model(pgd(model, x, y, eps, step, steps, generator=generator)).float()
         return F.cross_entropy(logits_adv, y), logits_adv
 
     def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_adv = trades_attack(model, x, eps, step, steps, generator=generator)
-        logits_clean, logits_adv = model(x), model(x_adv)
+        logits_clean, logits_adv = model(x).float(), model(x_adv).float()
         return trades_loss(logits_clean, logits_adv, y, beta), logits_adv
 
     def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x_adv = pgd(model, x, y, eps, step, steps, generator=generator)
-        logits_clean, logits_adv = model(x), model(x_adv)
+        logits_clean, logits_adv = model(x).float(), model(x_adv).float()
         return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
 
     return {"pgd": pgd_at, "trades": trades, "mart": mart}[method]

@@ -30,9 +30,10 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from . import __version__
-from ._util import resolve_device, seed_everything
+from . import __version__, distributed
+from ._util import seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from .compute import PRECISIONS, to_device
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, load_dataset
 from .evaluation import evaluate
@@ -92,6 +93,9 @@ class RiftConfig:
     eval_steps: int = 10
     eval_restarts: int = 3
     val_restarts: int = 1
+    # speed: bf16 autocast on CUDA ("auto"), "fp32" or "bf16" everywhere; torch.compile for training
+    precision: str = "auto"
+    compile: bool = False
     progress: bool = True
 
     def resolved(self) -> "RiftConfig":
@@ -109,6 +113,8 @@ class RiftConfig:
         from .losses import AT_METHODS
 
         _check_types(self)
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choices: {', '.join(PRECISIONS)}")
         if self.at_method not in AT_METHODS:
             raise ValueError(f"unknown at_method {self.at_method!r} (adversarial-training method); choices: {', '.join(AT_METHODS)}")
         if not 0 <= self.at_beta < float("inf"):
@@ -180,18 +186,26 @@ def build_for(cfg: RiftConfig, splits: DataSplits) -> nn.Module:
 
 
 def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
-    """Seed every generator from ``cfg.seed``, load the data described by ``cfg`` and resolve its device."""
+    """Seed every generator from ``cfg.seed``, load the data described by ``cfg`` and resolve its device.
+
+    Under torchrun this joins the process group and gives each rank its own GPU (see
+    :func:`riftlab.distributed.setup`), and sets the process-wide precision to ``cfg.precision``.
+    """
+    from .compute import set_precision
+
+    device = distributed.setup(cfg.device)
+    set_precision(cfg.precision)
     seed_everything(cfg.seed)
     splits = load_dataset(cfg.dataset, cfg.data_root, cfg.download, val_size=cfg.val_size, train_subset=cfg.train_subset, val_subset=cfg.val_subset,
                           test_subset=cfg.test_subset, synthetic_sizes=cfg.synthetic_sizes)
-    return splits, resolve_device(cfg.device)
+    return splits, device
 
 
 def finetune_step(cfg: RiftConfig, model: nn.Module, modules: str | list[str], train: Batches, val: Batches | None,
                   out_dir: str | os.PathLike | None = None) -> FinetuneResult:
     """Fine-tune ``modules`` of ``model`` (a copy) with ``cfg``'s schedule: ``ft_epochs`` at ``ft_lr``, x0.1 halfway."""
     return finetune_module(model, modules, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                           milestones=[max(1, cfg.ft_epochs // 2)], out_dir=out_dir, progress=cfg.progress)
+                           milestones=[max(1, cfg.ft_epochs // 2)], out_dir=out_dir, progress=cfg.progress, compile=cfg.compile)
 
 
 def choose_alpha(cfg: RiftConfig, model: nn.Module, theta_at: dict[str, torch.Tensor], theta_ft: dict[str, torch.Tensor],
@@ -210,12 +224,16 @@ def evaluate_on_test(cfg: RiftConfig, model: nn.Module, test: Batches, checkpoin
 
 
 def _write_json(path: Path, obj: Any) -> None:
+    if not distributed.is_main():  # under torchrun rank 0 writes the run directory
+        return
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    if not distributed.is_main():
+        return
     tmp = path.with_name(path.name + ".tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
@@ -229,12 +247,23 @@ def prepare_run_dir(out: Path, cfg: "RiftConfig", resume: bool, overwrite: bool)
     """Make ``out`` ready for a run: refuse to clobber finished or unfinished work unless told to.
 
     ``overwrite`` removes riftlab's own files in ``out`` (nothing else); ``resume`` continues an
-    unfinished run, which must have been started with the same settings.
+    unfinished run, which must have been started with the same settings. Under torchrun rank 0
+    does this while the other ranks wait.
     """
-    import shutil
-
     config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
     config_file = out / "config.json"
+    if not distributed.is_main():  # rank 0 checks and prepares the folder; the others wait for it
+        distributed.barrier()
+        return
+    try:
+        _prepare_run_dir(out, config, config_file, resume, overwrite)
+    finally:
+        distributed.barrier()
+
+
+def _prepare_run_dir(out: Path, config: dict[str, Any], config_file: Path, resume: bool, overwrite: bool) -> None:
+    import shutil
+
     if overwrite:
         for name in _RUN_FILES:
             target = out / name
@@ -271,8 +300,10 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     out = Path(out_dir)
     splits, device = prepare(cfg)  # seeds everything; bad data settings fail here, before anything is written
     prepare_run_dir(out, cfg, resume, overwrite)
+    if not distributed.is_main():
+        log = _silent
     info = splits.info
-    model = build_for(cfg, splits).to(device)
+    model = to_device(build_for(cfg, splits), device)
     meta = {"riftlab": __version__, "dataset": cfg.dataset, "seed": cfg.seed, **model.riftlab_config,
             "at_method": cfg.at_method, "at_beta": cfg.at_beta}
     train_aug = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=cfg.seed)
@@ -301,7 +332,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
                                    attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
                                    eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
-                                   meta=meta, progress=cfg.progress)
+                                   meta=meta, progress=cfg.progress, compile=cfg.compile)
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
     if not (out / "at.pt").is_file():
@@ -324,7 +355,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         f"most {mrc['module'].iloc[-1]} ({mrc['mrc'].iloc[-1]:.4f}); fine-tuning {module}")
 
     t0 = time.perf_counter()
-    ft_model = build_for(cfg, splits).to(device)
+    ft_model = to_device(build_for(cfg, splits), device)
     if (out / "ft.pt").is_file():
         load_checkpoint(ft_model, out / "ft.pt", map_location=device)
         ft_history = pd.read_csv(out / "finetune.csv")
@@ -348,7 +379,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     theta_rift = interpolate(theta_at, theta_ft, choice["alpha"])
     save_checkpoint(out / "rift.pt", {"model_state": theta_rift, "meta": {**meta, "stage": "rift", "module": module, "alpha": choice["alpha"]}})
     at_test = evaluate_on_test(cfg, model, test, checkpoint_path=progress_dir / "test-at.pt")
-    rift_model = build_for(cfg, splits).to(device)
+    rift_model = to_device(build_for(cfg, splits), device)
     rift_model.load_state_dict(theta_rift)
     rift_test = evaluate_on_test(cfg, rift_model, test, checkpoint_path=progress_dir / "test-rift.pt")
     timings["test_evaluation"] = time.perf_counter() - t0
@@ -370,6 +401,10 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     _write_json(out / "results.json", results)
     log(results_table(results))
     return results
+
+
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """The log of ranks other than 0 under torchrun."""
 
 
 def results_table(results: dict[str, Any]) -> str:

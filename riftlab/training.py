@@ -10,9 +10,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from . import distributed
 from ._loop import EpochCheckpoint, LoopState, train_epoch
 from ._util import milestones_for, progress as _progress
 from .checkpoint import read_checkpoint
+from .compute import compiled
 from .data import Batches
 from .evaluation import accuracy, evaluate
 from .losses import at_objective, check_method
@@ -49,6 +51,7 @@ def adversarial_train(
     resume: bool = True,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
+    compile: bool = False,
 ) -> TrainResult:
     """Train ``model`` in place on PGD adversarial examples (``attack_steps=0``: standard training).
 
@@ -67,6 +70,11 @@ def adversarial_train(
     is kept; it is loaded into ``model`` at the end. With ``out_dir``, ``last.pt`` (everything
     needed to resume) and ``best.pt`` are written atomically each epoch, and ``resume=True``
     continues from ``last.pt`` with the same result as an uninterrupted run.
+
+    Speed: attacks and forward passes run under :func:`riftlab.compute.autocast` (bf16 on CUDA by
+    default); ``compile=True`` trains through ``torch.compile(model)``. Under torchrun the model
+    is trained with DistributedDataParallel, each rank on its slice of every batch (see
+    :mod:`riftlab.distributed`); only rank 0 writes checkpoints.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -84,13 +92,16 @@ def adversarial_train(
         _check_same_method(ckpt.last, method, float(beta))
     loop = ckpt.restore(model, opt, sched) if resume else LoopState()
     device = train.device
+    fast = compiled(model, compile)
+    trainer = distributed.ddp(fast)
+    batches, _ = distributed.shard(train)
     for epoch in _progress(range(loop.next_epoch, epochs), progress, desc="adversarial training" if adversarial else "training",
                            initial=loop.next_epoch, total=epochs):
         model.train()
-        train.set_epoch(epoch)
-        gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch)
+        batches.set_epoch(epoch)
+        gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch + 1_000_003 * distributed.rank())
         objective = at_objective(method, eps, step, attack_steps, beta, generator=gen) if adversarial else None
-        stats = train_epoch(model, train, opt, loss_fn=objective)
+        stats = train_epoch(trainer, batches, opt, loss_fn=objective)
         sched.step()
         if stats["first_bad_step"] >= 0:
             raise ckpt.nonfinite_error("training", stats["loss"], epoch, stats["first_bad_step"])
@@ -98,10 +109,10 @@ def adversarial_train(
                   ("train_robust_acc" if adversarial else "train_clean_acc"): stats["acc"]}
         if val is not None:
             if adversarial:
-                result = evaluate(model, val, eps, step, eval_steps, restarts=1, seed=seed)
+                result = evaluate(fast, val, eps, step, eval_steps, restarts=1, seed=seed)
                 record["val_clean_acc"], record["val_robust_acc"] = result["clean_acc"], result["robust_acc"]
             else:
-                record["val_clean_acc"] = accuracy(model, val)
+                record["val_clean_acc"] = accuracy(fast, val)
         loop.history.append(record)
         changed = loop.update_best(epoch + 1, record.get(key, -stats["loss"]), model)
         ckpt.save(model, opt, sched, epoch, loop, changed)

@@ -1,0 +1,127 @@
+"""Several processes (GPUs) through PyTorch's own engine: ``torchrun --nproc_per_node N -m riftlab ...``.
+
+torchrun starts N copies of the command and sets ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``;
+:func:`setup` joins them into one process group (NCCL on GPUs, gloo on the CPU). Then:
+
+* adversarial training and fine-tuning wrap the model in ``DistributedDataParallel``: every
+  global batch is split across the ranks (each rank takes its slice of the same shuffled,
+  augmented batch), gradients are averaged, so the update is that of the whole batch;
+* evaluation splits every batch across the ranks and sums the counts;
+* MRC hands the modules out round-robin, one module per rank at a time, and gathers the rows;
+* only rank 0 writes files and prints; the others compute.
+
+With one process every function here is a no-op, and riftlab runs exactly as without torchrun.
+BatchNorm statistics in training mode are per rank (per slice), as usual with DDP; with the
+default frozen BatchNorm of fine-tuning this makes no difference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = ["setup", "rank", "world_size", "is_main", "barrier", "ddp", "unwrap", "all_reduce_sum", "gather_objects", "shard"]
+
+
+def active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher) as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device: str | torch.device = "auto") -> torch.device:
+    """Join torchrun's process group (once) and return this rank's device.
+
+    ``device``: ``auto`` or ``cuda`` gives each rank the GPU ``cuda:LOCAL_RANK`` when CUDA is
+    available, ``cpu`` keeps every rank on the CPU (gloo backend, for tests). Without torchrun
+    (``WORLD_SIZE`` unset or 1) nothing is initialised and ``device`` is resolved as usual.
+    """
+    from ._util import resolve_device
+
+    if not launched():
+        return resolve_device(device)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    wanted = str(device)
+    use_cuda = wanted not in ("cpu",) and torch.cuda.is_available() and not wanted.startswith("cuda:")
+    if wanted.startswith("cuda:"):
+        raise ValueError(f"under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); pass --device cuda or auto, not {wanted}")
+    dev = torch.device("cuda", local) if use_cuda else resolve_device("cpu" if wanted == "auto" else wanted)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def ddp(model: nn.Module) -> nn.Module:
+    """``model`` wrapped in DistributedDataParallel when several ranks run, else ``model``.
+
+    The wrapper shares the parameters; train through it, save ``model`` itself.
+    """
+    if not active():
+        return model
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP wrapper (attacks run on it: they need no gradient synchronisation)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Sum each tensor over the ranks, in place."""
+    if active():
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+def all_reduce_max(t: torch.Tensor) -> None:
+    if active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` with one process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(batches: Any) -> tuple[Any, bool]:
+    """This rank's part of ``batches`` and whether it is a part (then counts must be summed).
+
+    A :class:`riftlab.data.Batches` is split batch by batch across the ranks; any other iterable
+    is returned whole (every rank then processes all of it).
+    """
+    from .data import Batches
+
+    if active() and isinstance(batches, Batches):
+        return batches.sharded(rank(), world_size()), True
+    return batches, False
