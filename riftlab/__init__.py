@@ -7,7 +7,9 @@ The four steps, each usable alone::
                          interpolate, evaluate, pgd)
 
 Images are always float tensors in [0, 1] shaped (N, C, H, W); models normalise internally, so
-attack budgets (eps, step) are in pixel units.
+attack budgets (eps, step) are in pixel units. On CUDA, move models with ``to_device`` (channels_last)
+and riftlab computes in bf16 autocast (``set_precision("fp32")`` to turn it off); under
+``torchrun`` the same functions run across the ranks (:mod:`riftlab.distributed`).
 """
 
 __version__ = "0.1.0"
@@ -15,6 +17,7 @@ __version__ = "0.1.0"
 from .attacks import pgd
 from .autoattack import autoattack_accuracy
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .compute import set_precision, to_device, use_precision
 from .corruptions import CORRUPTIONS, REFERENCE_CORRUPTIONS, corrupt
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, DatasetNotFoundError, ImageSet, dataset_info, list_datasets, load_dataset, make_synthetic
@@ -37,4 +40,5 @@ __all__ = [
     "select_alpha", "build_model", "list_models", "weight_modules", "PROFILES", "RiftConfig", "run_rift",
     "TrainResult", "adversarial_train", "AT_METHODS", "mart_loss", "trades_loss", "ablate",
     "CORRUPTIONS", "REFERENCE_CORRUPTIONS", "corrupt", "OODResult", "ood_accuracy",
+    "set_precision", "use_precision", "to_device",
 ]
