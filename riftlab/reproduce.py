@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint
+from .compute import to_device
 from .data import Batches, ImageSet, dataset_info
 from .ood import ood_accuracy
 from .paper import DATASETS, MODELS, TABLE1
@@ -92,7 +93,7 @@ def reproduce_table1(
         for method, tag in (("AT", "at"), ("AT+RiFT", "rift")):
             net = build_for(cfg, splits)
             load_checkpoint(net, run_dir / f"{tag}.pt")
-            net.to(device)
+            net = to_device(net, device)
             result = ood_accuracy(net, None if c_dir else splits.test, corruptions, severities, c_dir=c_dir,
                                   dataset=dataset if c_dir else None, image_shape=(info.channels, info.image_size, info.image_size),
                                   max_examples=ood_examples, subset_seed=cfg.seed, batch_size=cfg.eval_batch_size, seed=cfg.seed,
