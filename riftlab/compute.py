@@ -22,13 +22,14 @@ from typing import ContextManager, Iterator
 import torch
 import torch.nn as nn
 
-__all__ = ["PRECISIONS", "set_precision", "get_precision", "use_precision", "uses_bf16", "autocast", "to_device", "compiled"]
+__all__ = ["PRECISIONS", "check_precision", "set_precision", "get_precision", "use_precision", "uses_bf16", "autocast", "to_device", "compiled"]
 
 PRECISIONS = ("auto", "fp32", "bf16")
 _precision = "auto"
 
 
-def _check(precision: str) -> str:
+def check_precision(precision: str) -> str:
+    """``precision`` itself when it is one of :data:`PRECISIONS`, else a ValueError naming the choices."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     return precision
@@ -37,7 +38,7 @@ def _check(precision: str) -> str:
 def set_precision(precision: str) -> None:
     """Set the process-wide precision: ``auto``, ``fp32`` or ``bf16`` (see the module docstring)."""
     global _precision
-    _precision = _check(precision)
+    _precision = check_precision(precision)
 
 
 def get_precision() -> str:

@@ -59,12 +59,13 @@ def setup(device: str | torch.device = "auto") -> torch.device:
 
     if not launched():
         return resolve_device(device)
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     wanted = str(device)
-    use_cuda = wanted not in ("cpu",) and torch.cuda.is_available() and not wanted.startswith("cuda:")
     if wanted.startswith("cuda:"):
         raise ValueError(f"under torchrun each rank takes its own GPU (cuda:LOCAL_RANK); pass --device cuda or auto, not {wanted}")
-    dev = torch.device("cuda", local) if use_cuda else resolve_device("cpu" if wanted == "auto" else wanted)
+    if wanted != "cpu" and torch.cuda.is_available():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        dev = resolve_device("cpu" if wanted == "auto" else wanted)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

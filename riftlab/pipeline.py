@@ -33,7 +33,7 @@ import torch.nn as nn
 from . import __version__, distributed
 from ._util import seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from .compute import PRECISIONS, to_device
+from .compute import check_precision, to_device
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, load_dataset
 from .evaluation import evaluate
@@ -113,8 +113,7 @@ class RiftConfig:
         from .losses import AT_METHODS
 
         _check_types(self)
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; choices: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         if self.at_method not in AT_METHODS:
             raise ValueError(f"unknown at_method {self.at_method!r} (adversarial-training method); choices: {', '.join(AT_METHODS)}")
         if not 0 <= self.at_beta < float("inf"):
