@@ -62,10 +62,20 @@ def pgd(
         raise ValueError(f"eps, alpha and steps must be non-negative (got eps={eps}, alpha={alpha}, steps={steps})")
     x = x.detach()
     if random_start and eps > 0:
-        noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
-        x_adv = (x + noise).clamp_(0, 1)
+        x_adv = random_start_point(x, eps, generator)
     else:
         x_adv = x.clone()
+    return _ascend(model, x, y, x_adv, eps, alpha, steps)
+
+
+def random_start_point(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A uniform random point of the l_inf ball of radius ``eps`` around ``x``, clipped to [0, 1]; shape of ``x``."""
+    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
+    return (x + noise).clamp_(0, 1)
+
+
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+    """``steps`` signed-gradient ascent steps from ``x_adv``, each projected onto the eps ball around ``x`` and [0, 1]."""
     if eps == 0 or steps == 0:
         return x_adv
     model = unwrap(model)  # a DDP wrapper would prepare a gradient all-reduce that never comes

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from . import distributed
 from ._loop import SweepProgress
-from .attacks import eval_mode, pgd
+from .attacks import _ascend, eval_mode, random_start_point
 from .compute import autocast
 
 __all__ = ["evaluate", "accuracy"]
@@ -50,7 +50,8 @@ def evaluate(
     Only examples still correct are attacked again, which leaves the result unchanged and saves
     time. Accuracies are in percent.
 
-    A batch that does not fit in GPU memory is evaluated in halves (the result is the same).
+    A batch that does not fit in GPU memory is evaluated in halves (the same attack; the halves draw
+    their own random starts).
     With ``checkpoint_path``, the counts and the attack's random state are saved after every
     batch and an existing file resumes the evaluation.
 
@@ -99,16 +100,19 @@ def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks (N,): correct on the clean image, and correct under every one of ``restarts`` PGD attacks.
 
-    Only examples still correct are attacked again, which leaves the worst case unchanged.
+    Only examples still correct are attacked again, which leaves the worst case unchanged. Every
+    restart draws a start point for the whole batch, attacked or not, so each image's starts depend
+    only on its place in the batch order: two models evaluated with one seed meet the same starts.
     """
     with torch.no_grad(), autocast(x.device):
         clean = model(x).argmax(1) == y
     alive = clean.clone()
     for _ in range(restarts):
+        starts = random_start_point(x, eps, gen)
         idx = alive.nonzero().squeeze(1)  # one host sync per restart: the attacked batch's size
         if len(idx) == 0:
-            break
-        x_adv = pgd(model, x[idx], y[idx], eps, alpha, steps, random_start=True, generator=gen)
+            continue  # still draw the remaining starts, so later batches keep theirs
+        x_adv = _ascend(model, x[idx], y[idx], starts[idx], eps, alpha, steps)
         with torch.no_grad(), autocast(x.device):
             alive[idx] = model(x_adv).argmax(1) == y[idx]
     return clean, alive

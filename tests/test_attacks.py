@@ -79,3 +79,23 @@ def test_pgd_rejects_negative_budget(standard_model, tiny_splits):
 
     with pytest.raises(ValueError, match="non-negative"):
         pgd(standard_model, x, y, -0.1, STEP, 3)
+
+
+def test_each_image_meets_the_same_random_starts_whatever_came_before(standard_model, tiny_splits):
+    # PGD-0 with a wide ball: robustness is decided by the random start alone. Batch 1 is scored with
+    # wrong labels the second time, so fewer of its images are attacked; batch 2 must not notice.
+    x, y = tiny_splits.val.images.float()[:128] / 255, tiny_splits.val.labels[:128]
+    first, second = (x[:64], y[:64]), (x[64:], y[64:])
+    wrong = (first[0], (first[1] + 1) % 10)
+    kw = dict(eps=0.3, alpha=0.0, steps=0, seed=3)
+
+    def robust_count(batches):
+        result = evaluate(standard_model, batches, **kw)
+        return round(result["robust_acc"] * result["n"] / 100)
+
+    second_after_right = robust_count([first, second]) - robust_count([first])
+    second_after_wrong = robust_count([wrong, second]) - robust_count([wrong])
+    assert robust_count([first]) != robust_count([wrong])  # batch 1 really was attacked differently
+    assert second_after_right == second_after_wrong
+    clean_second = round(evaluate(standard_model, [second], **kw)["clean_acc"] * 64 / 100)
+    assert 0 < second_after_right < clean_second  # the random starts decide some images

@@ -201,7 +201,10 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     args = ["train-at", "--dataset", "synthetic-cifar10", "--model", "resnet18", "--width", "4", "--train-subset", "300",
             "--val-subset", "100", "--test-subset", "100", "--epochs", "40", "--attack-steps", "1", "--batch-size", "50",
             "--device", "cpu", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "riftlab", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts pytest in the background makes it ignore SIGINT, and a Python started with
+    # SIGINT ignored never raises KeyboardInterrupt: give the child the default disposition back.
+    proc = subprocess.Popen([sys.executable, "-m", "riftlab", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     last = out / "at" / "last.pt"
     deadline = time.time() + 300
     while not last.is_file():
