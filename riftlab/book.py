@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._util import milestones_for, resolve_device, seed_everything
+from ._util import resolve_device, seed_everything
 from .checkpoint import read_checkpoint, save_checkpoint
 from .compute import to_device
 from .criticality import adversarial_set, module_robust_criticality
@@ -221,7 +221,9 @@ def config_summary(cfg: RiftConfig, splits: DataSplits | None = None) -> pd.Data
         ("dataset", cfg.dataset),
         ("model", f"{cfg.model} (width {cfg.width if cfg.width is not None else 'default'})"),
         ("threat model", f"l_inf, eps {cfg.eps:.4f} = {cfg.eps * 255:.1f}/255"),
-        ("adversarial training", f"{cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (step {cfg.at_attack_step:.4f}), lr {cfg.at_lr}"),
+        ("adversarial training", f"{cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (step {cfg.at_attack_step:.4f}), lr {cfg.at_lr} "
+                                 f"(x0.1 after epochs {', '.join(map(str, cfg.at_schedule()))})"
+                                 + (f", validated every {cfg.at_eval_every} epochs" if cfg.at_eval_every > 1 else "")),
         ("robust evaluation", f"PGD-{cfg.eval_steps} (step {cfg.step:.4f}), worst of {cfg.eval_restarts} on test, {cfg.val_restarts} on validation"),
         ("MRC", f"{cfg.mrc_examples} training examples, eps {cfg.mrc_eps}, {cfg.mrc_passes} passes"),
         ("fine-tuning", f"{cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.batch_size}"),
@@ -319,13 +321,13 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
         "at_best_epoch": int, "standard_best_epoch": int}``; models in eval mode on ``device``.
     """
     params = {**_data_key(cfg), "model": cfg.model, "width": cfg.width, "seed": cfg.seed, "batch_size": cfg.batch_size,
-              "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step,
+              "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_milestones": cfg.at_schedule(), "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step,
               "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "train_eval_size": train_eval_size,
               "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         batches = loaders(cfg, splits, device)
-        milestones = milestones_for(cfg.at_epochs, 110, (100, 105))
+        milestones = cfg.at_schedule()
         train_eval = Batches(splits.train.subset(train_eval_size, seed=cfg.seed + 7), cfg.eval_batch_size, device=device)
         seed_everything(cfg.seed)
         at = to_device(build_for(cfg, splits), device)

@@ -73,6 +73,14 @@ def _at_method(p: argparse.ArgumentParser) -> None:
     p.add_argument("--beta", type=float, dest="at_beta", help="TRADES / MART robustness weight (default 6)")
 
 
+def epochs(text: str) -> tuple[int, ...]:
+    """``8,11`` -> (8, 11)."""
+    try:
+        return tuple(int(e) for e in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 8,11, got {text!r}") from None
+
+
 def alphas(text: str) -> tuple[float, ...]:
     """``0,0.5,1`` -> (0.0, 0.5, 1.0)."""
     return tuple(float(a) for a in text.split(","))
@@ -87,7 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--epochs", type=int, dest="at_epochs")
     p.add_argument("--lr", type=float, dest="at_lr")
+    p.add_argument("--milestones", type=epochs, dest="at_milestones", metavar="E1,E2",
+                   help="epochs after which the lr drops x0.1 (default: the paper's 100,105 of 110, scaled to --epochs)")
     p.add_argument("--attack-steps", type=int, dest="at_attack_steps", help="PGD steps during training (0: standard training)")
+    p.add_argument("--eval-every", type=int, dest="at_eval_every", metavar="K",
+                   help="validate every K-th epoch and the last; the best checkpoint is chosen among those (default 1)")
     _at_method(p)
 
     p = sub.add_parser("mrc", help="module robust criticality of every Conv2d/Linear; writes mrc.csv")
@@ -158,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     _robustbench(p)
     p.add_argument("--at-checkpoint", help="start from this AT model instead of training one")
     p.add_argument("--at-epochs", type=int)
+    p.add_argument("--at-milestones", type=epochs, metavar="E1,E2", help="epochs after which the AT lr drops x0.1 "
+                   "(default: the paper's 100,105 of 110, scaled to --at-epochs)")
+    p.add_argument("--at-eval-every", type=int, metavar="K", help="validate every K-th AT epoch and the last (default 1)")
     p.add_argument("--ft-epochs", type=int)
     p.add_argument("--ft-lr", type=float)
     p.add_argument("--module", dest="ft_module")
@@ -363,8 +378,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "at_method": cfg.at_method, "at_beta": cfg.at_beta}
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
-        result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta, eval_steps=cfg.eval_steps, seed=cfg.seed,
+        result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps, step=cfg.at_attack_step,
+                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta, eval_steps=cfg.eval_steps,
+                                   eval_every=cfg.at_eval_every, seed=cfg.seed,
                                    out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress, compile=cfg.compile)
         save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))

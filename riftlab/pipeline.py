@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__, distributed
-from ._util import seed_everything
+from ._util import milestones_for, seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .compute import check_precision, to_device
 from .criticality import adversarial_set, module_robust_criticality
@@ -71,8 +71,11 @@ class RiftConfig:
     # adversarial training
     at_epochs: int = 110
     at_lr: float = 0.1
+    # epochs after which the lr drops x0.1 (default: the paper's 100 and 105 of 110, scaled to at_epochs)
+    at_milestones: tuple[int, ...] | None = None
     at_attack_steps: int = 10
     at_attack_step: float | None = None  # default: the dataset's step
+    at_eval_every: int = 1  # validate every k-th AT epoch (and the last); the best is chosen among those
     at_method: str = "pgd"  # pgd (PGD-AT), trades or mart (see riftlab.losses)
     at_beta: float = 6.0  # TRADES / MART robustness weight
     eps: float | None = None  # default: the dataset's eps
@@ -109,6 +112,12 @@ class RiftConfig:
         cfg.validate()
         return cfg
 
+    def at_schedule(self) -> list[int]:
+        """The adversarial-training lr milestones: ``at_milestones``, or the paper's scaled to ``at_epochs``."""
+        if self.at_milestones is not None:
+            return list(self.at_milestones)
+        return milestones_for(self.at_epochs, 110, (100, 105))
+
     def validate(self) -> None:
         from .losses import AT_METHODS
 
@@ -124,9 +133,13 @@ class RiftConfig:
             raise ValueError(f"step must be in (0, 1] (pixel units), got {self.step}")
         if not 0 <= self.mrc_eps <= 10:
             raise ValueError(f"mrc_eps is relative to the weight norm and must be in [0, 10], got {self.mrc_eps}")
+        if self.at_milestones is not None and (list(self.at_milestones) != sorted(set(self.at_milestones))
+                                               or not all(1 <= m < self.at_epochs for m in self.at_milestones)):
+            raise ValueError(f"at_milestones must be increasing epochs in [1, at_epochs) = [1, {self.at_epochs}), "
+                             f"got {self.at_milestones}")
         if any(not 0 <= a <= 1 for a in self.alphas) or 0.0 not in self.alphas:
             raise ValueError(f"alphas must lie in [0, 1] and include 0, got {self.alphas}")
-        for name in ("batch_size", "eval_batch_size", "mrc_examples", "mrc_passes", "ft_epochs", "eval_steps", "eval_restarts"):
+        for name in ("batch_size", "eval_batch_size", "at_eval_every", "mrc_examples", "mrc_passes", "ft_epochs", "eval_steps", "eval_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("train_subset", "val_subset", "test_subset"):
@@ -149,6 +162,10 @@ def _check_types(cfg: "RiftConfig") -> None:
             ok = True  # an int where a float is expected is fine
         if ok and isinstance(value, tuple) and f.name == "alphas":
             ok = all(isinstance(a, (int, float)) for a in value)
+        if ok and isinstance(value, tuple) and f.name == "at_milestones":
+            ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
+        if not ok and f.name == "at_milestones" and isinstance(value, tuple):
+            raise ValueError(f"at_milestones must be whole epochs, got {value!r}")
         if not ok:
             names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
             raise ValueError(f"{f.name} must be {names}, got {value!r} ({type(value).__name__})")
@@ -328,9 +345,9 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         log(f"AT model: RobustBench {cfg.robustbench} ({cfg.threat_model}) from {cfg.model_dir}")
     else:
         log(f"adversarial training ({cfg.at_method}): {cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (eps {cfg.eps:.4f}, step {cfg.at_attack_step:.4f})")
-        result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
-                                   eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=out / "at",
+        result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps,
+                                   step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
+                                   eval_steps=cfg.eval_steps, eval_every=cfg.at_eval_every, seed=cfg.seed, out_dir=out / "at",
                                    meta=meta, progress=cfg.progress, compile=cfg.compile)
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
