@@ -162,9 +162,8 @@ def _check_types(cfg: "RiftConfig") -> None:
             ok = True  # an int where a float is expected is fine
         if ok and isinstance(value, tuple) and f.name == "alphas":
             ok = all(isinstance(a, (int, float)) for a in value)
-        if ok and isinstance(value, tuple) and f.name == "at_milestones":
-            ok = all(isinstance(m, int) and not isinstance(m, bool) for m in value)
-        if not ok and f.name == "at_milestones" and isinstance(value, tuple):
+        if ok and isinstance(value, tuple) and f.name == "at_milestones" and not all(
+                isinstance(m, int) and not isinstance(m, bool) for m in value):
             raise ValueError(f"at_milestones must be whole epochs, got {value!r}")
         if not ok:
             names = " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
