@@ -1,4 +1,4 @@
-"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (about 2 minutes on CPU).
+"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (about 4.5 minutes on a 2-core CPU).
 
 Whether RiFT wins on this small generated set depends on the seed (see the issue notes): this test
 checks what must hold on every run, and that any alpha > 0 it picks is a real, rule-abiding win.
