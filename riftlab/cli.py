@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, distributed
 from .compute import to_device
 from .pipeline import PROFILES
 from .zoo import MissingDependencyError
@@ -303,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still reach stderr
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
+        distributed.teardown()
+        return code
     except KeyboardInterrupt:
         out = getattr(args, "out", None)
         print(f"riftlab {args.command}: interrupted; finished epochs and stages are saved"

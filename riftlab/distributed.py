@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["setup", "rank", "world_size", "is_main", "barrier", "ddp", "unwrap", "all_reduce_sum", "gather_objects", "shard"]
+__all__ = ["setup", "teardown", "rank", "world_size", "is_main", "barrier", "ddp", "unwrap", "all_reduce_sum", "gather_objects", "shard"]
 
 
 def active() -> bool:
@@ -71,6 +71,17 @@ def setup(device: str | torch.device = "auto") -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return dev
+
+
+def teardown() -> None:
+    """Leave the process group after a successful command: wait for every rank, then destroy it.
+
+    A gloo group left to Python's shutdown can abort one rank ("terminate called without an
+    active exception") when the other rank has already closed its connections.
+    """
+    if active():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
