@@ -371,8 +371,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "train-at":
-        from .pipeline import build_for
-        from .training import adversarial_train
+        from .pipeline import adversarial_train_step, build_for
 
         cfg = config_from_args(args)
         splits, device = prepare(cfg)
@@ -380,10 +379,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "at_method": cfg.at_method, "at_beta": cfg.at_beta}
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
-        result = adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps, step=cfg.at_attack_step,
-                                   attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta, eval_steps=cfg.eval_steps,
-                                   eval_every=cfg.at_eval_every, seed=cfg.seed,
-                                   out_dir=_stage_dir(out, "at", args), meta=meta, progress=cfg.progress, compile=cfg.compile)
+        result = adversarial_train_step(cfg, model, train, val, out_dir=_stage_dir(out, "at", args), meta=meta)
         save_checkpoint(out / "at.pt", {"model_state": model.state_dict(), "meta": {**meta, "stage": "at"}})
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         print(f"best epoch {result.best_epoch}: {result.history[result.best_epoch - 1]}\nwrote {out / 'at.pt'}")

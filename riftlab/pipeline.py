@@ -40,9 +40,9 @@ from .evaluation import evaluate
 from .finetune import FinetuneResult, finetune_module
 from .interpolation import DEFAULT_ALPHAS, interpolate, interpolation_curve, select_alpha
 from .models import build_model
-from .training import adversarial_train
+from .training import TrainResult, adversarial_train
 
-__all__ = ["RiftConfig", "PROFILES", "run_rift", "prepare", "build_for", "finetune_step", "choose_alpha", "evaluate_on_test"]
+__all__ = ["RiftConfig", "PROFILES", "run_rift", "prepare", "build_for", "adversarial_train_step", "finetune_step", "choose_alpha", "evaluate_on_test"]
 
 
 @dataclass
@@ -218,6 +218,15 @@ def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
     return splits, device
 
 
+def adversarial_train_step(cfg: RiftConfig, model: nn.Module, train: Batches, val: Batches | None, out_dir: str | os.PathLike | None = None,
+                           meta: dict[str, Any] | None = None) -> TrainResult:
+    """Adversarially train ``model`` in place with ``cfg``'s recipe: method, schedule, attack and validation."""
+    return adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps,
+                             step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
+                             eval_steps=cfg.eval_steps, eval_every=cfg.at_eval_every, seed=cfg.seed, out_dir=out_dir, meta=meta,
+                             progress=cfg.progress, compile=cfg.compile)
+
+
 def finetune_step(cfg: RiftConfig, model: nn.Module, modules: str | list[str], train: Batches, val: Batches | None,
                   out_dir: str | os.PathLike | None = None) -> FinetuneResult:
     """Fine-tune ``modules`` of ``model`` (a copy) with ``cfg``'s schedule: ``ft_epochs`` at ``ft_lr``, x0.1 halfway."""
@@ -346,10 +355,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         log(f"AT model: RobustBench {cfg.robustbench} ({cfg.threat_model}) from {cfg.model_dir}")
     else:
         log(f"adversarial training ({cfg.at_method}): {cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (eps {cfg.eps:.4f}, step {cfg.at_attack_step:.4f})")
-        result = adversarial_train(model, train_aug, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps,
-                                   step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
-                                   eval_steps=cfg.eval_steps, eval_every=cfg.at_eval_every, seed=cfg.seed, out_dir=out / "at",
-                                   meta=meta, progress=cfg.progress, compile=cfg.compile)
+        result = adversarial_train_step(cfg, model, train_aug, val, out_dir=out / "at", meta=meta)
         _write_csv(out / "at_history.csv", pd.DataFrame(result.history))
         log(f"best AT epoch {result.best_epoch}: val {result.history[result.best_epoch - 1]}")
     if not (out / "at.pt").is_file():
