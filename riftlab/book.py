@@ -222,8 +222,7 @@ def config_summary(cfg: RiftConfig, splits: DataSplits | None = None) -> pd.Data
         ("model", f"{cfg.model} (width {cfg.width if cfg.width is not None else 'default'})"),
         ("threat model", f"l_inf, eps {cfg.eps:.4f} = {cfg.eps * 255:.1f}/255"),
         ("adversarial training", f"{cfg.at_epochs} epochs, PGD-{cfg.at_attack_steps} (step {cfg.at_attack_step:.4f}), lr {cfg.at_lr} "
-                                 f"(x0.1 after epochs {', '.join(map(str, cfg.at_schedule()))})"
-                                 + (f", validated every {cfg.at_eval_every} epochs" if cfg.at_eval_every > 1 else "")),
+                                 f"(x0.1 after epochs {', '.join(map(str, cfg.at_schedule()))})"),
         ("robust evaluation", f"PGD-{cfg.eval_steps} (step {cfg.step:.4f}), worst of {cfg.eval_restarts} on test, {cfg.val_restarts} on validation"),
         ("MRC", f"{cfg.mrc_examples} training examples, eps {cfg.mrc_eps}, {cfg.mrc_passes} passes"),
         ("fine-tuning", f"{cfg.ft_epochs} epochs, lr {cfg.ft_lr}, batch {cfg.batch_size}"),
