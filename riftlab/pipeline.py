@@ -178,8 +178,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                 at_epochs=15, at_attack_steps=3, at_attack_step=4 / 255, mrc_examples=512, mrc_passes=3,
                 ft_epochs=4, eval_restarts=1),
     # The demo: a few minutes on a laptop CPU. AT validates at epochs 5 and 10 only: a PGD-10 pass over the
-    # 1000 validation images costs 0.2-0.4 of a PGD-3 epoch on 4000 (more as more images resist), and the
-    # last epoch was the best one in every demo run we made.
+    # 1000 validation images costs a fifth to a third of a PGD-3 epoch on 4000 (more as more images resist),
+    # and the last epoch was the best one in every demo run we made.
     "demo": dict(dataset="synthetic-cifar10", width=8, train_subset=4000, val_subset=1000, test_subset=1000,
                  synthetic_sizes=(5000, 1000), val_size=1000, batch_size=64, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
                  at_eval_every=5, mrc_examples=256, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
