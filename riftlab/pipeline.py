@@ -37,7 +37,7 @@ from .compute import check_precision, to_device
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, load_dataset
 from .evaluation import evaluate
-from .finetune import FinetuneResult, finetune_module
+from .finetune import FinetuneResult, finetune_module, get_weight_module
 from .interpolation import DEFAULT_ALPHAS, interpolate, interpolation_curve, select_alpha
 from .models import build_model
 from .training import TrainResult, adversarial_train
@@ -391,6 +391,9 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
                                         "meta": {**meta, "stage": "finetuned", "module": module, "best_epoch": best_epoch}})
     theta_ft = ft_model.state_dict()
     timings["finetune"] = time.perf_counter() - t0
+    moved = relative_change(model, ft_model, module)
+    log(f"fine-tuned {module}: kept epoch {best_epoch}; its weight moved by {moved:.3g} of its norm; "
+        f"MRC measured the robust loss within {cfg.mrc_eps:g}")
 
     t0 = time.perf_counter()
     curve, choice = choose_alpha(cfg, model, theta_at, theta_ft, val, checkpoint_path=progress_dir / "interpolation.pt")
@@ -416,6 +419,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
         "mrc_most": {"module": str(mrc["module"].iloc[-1]), "mrc": float(mrc["mrc"].iloc[-1])},
         "alpha": choice["alpha"],
         "finetune_best_epoch": best_epoch,
+        "finetune_relative_change": moved,
         "validation": {"at": {"clean_acc": float(base["clean_acc"]), "robust_acc": float(base["robust_acc"])},
                        "rift": {"clean_acc": choice["clean_acc"], "robust_acc": choice["robust_acc"]}},
         "test": {"at": at_test, "rift": rift_test},
@@ -424,6 +428,16 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     _write_json(out / "results.json", results)
     log(results_table(results))
     return results
+
+
+def relative_change(before: nn.Module, after: nn.Module, module: str) -> float:
+    """How far fine-tuning moved ``module``'s weight: ||W_after - W_before|| / ||W_before|| (l2 over the tensor).
+
+    MRC certifies the robust loss only within a relative radius (``mrc_eps``, 0.1 in the paper); a
+    fine-tuned weight far outside it is where interpolation has to find its way back.
+    """
+    w0, w1 = get_weight_module(before, module).weight.detach(), get_weight_module(after, module).weight.detach()
+    return float((w1.to(w0.device) - w0).norm() / w0.norm().clamp_min(1e-12))
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from riftlab import PROFILES, RiftConfig, run_rift, select_alpha
+from riftlab.checkpoint import read_checkpoint
 
 
 @pytest.mark.slow
@@ -43,6 +44,11 @@ def test_demo_pipeline_selects_on_validation_and_reports_test(tmp_path):
     mrc = pd.read_csv(tmp_path / "mrc.csv")
     assert results["module"] == mrc["module"].iloc[0]
     assert mrc["mrc"].iloc[-1] > 3 * mrc["mrc"].iloc[0]
+    # How far fine-tuning moved the module, from the saved AT and fine-tuned weights.
+    at_w = read_checkpoint(tmp_path / "at.pt")["model_state"][f"{results['module']}.weight"]
+    ft_w = read_checkpoint(tmp_path / "ft.pt")["model_state"][f"{results['module']}.weight"]
+    assert results["finetune_relative_change"] == pytest.approx(float((ft_w - at_w).norm() / at_w.norm()), rel=1e-5)
+    assert results["finetune_relative_change"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["alpha"] == results["alpha"] and saved["dataset"]["synthetic"] is True
     for name in ("at.pt", "ft.pt", "rift.pt", "finetune.csv", "at_history.csv", "config.json"):
