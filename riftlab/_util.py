@@ -55,3 +55,9 @@ def milestones_for(epochs: int, paper_epochs: int, paper_milestones: tuple[int, 
     if epochs == paper_epochs:
         return list(paper_milestones)
     return sorted({max(1, round(m * epochs / paper_epochs)) for m in paper_milestones if round(m * epochs / paper_epochs) < epochs})
+
+
+def relative_distance(weight: torch.Tensor, reference: torch.Tensor) -> float:
+    """||weight - reference|| / ||reference|| (l2 over the whole tensor): how far a weight moved, in units of its norm."""
+    reference = reference.detach()
+    return float((weight.detach().to(reference.device) - reference).norm() / reference.norm().clamp_min(1e-30))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from ._loop import SweepProgress
-from ._util import progress as _progress
+from ._util import progress as _progress, relative_distance
 from .attacks import eval_mode, pgd
 from .compute import autocast
 from .models import weight_modules
@@ -157,7 +157,7 @@ def _module_row(model: nn.Module, module: nn.Module, name: str, adv: Sequence[Ba
                     weight.copy_(original + delta * scale)
         weight.requires_grad_(False)
         loss, acc = _loss_and_accuracy(model, adv)
-        reached = float((weight.detach() - original).norm() / original.norm().clamp_min(1e-30))
+        reached = relative_distance(weight, original)
     finally:
         with torch.no_grad():
             weight.copy_(original)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__, distributed
-from ._util import milestones_for, seed_everything
+from ._util import milestones_for, relative_distance, seed_everything
 from .checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from .compute import check_precision, to_device
 from .criticality import adversarial_set, module_robust_criticality
@@ -436,8 +436,7 @@ def relative_change(before: nn.Module, after: nn.Module, module: str) -> float:
     MRC certifies the robust loss only within a relative radius (``mrc_eps``, 0.1 in the paper); a
     fine-tuned weight far outside it is where interpolation has to find its way back.
     """
-    w0, w1 = get_weight_module(before, module).weight.detach(), get_weight_module(after, module).weight.detach()
-    return float((w1.to(w0.device) - w0).norm() / w0.norm().clamp_min(1e-12))
+    return relative_distance(get_weight_module(after, module).weight, get_weight_module(before, module).weight)
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
