@@ -47,6 +47,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-subset", type=int, help="use this many training images")
     g.add_argument("--val-subset", type=int, help="use this many validation images")
     g.add_argument("--test-subset", type=int, help="use this many test images")
+    g.add_argument("--synthetic-sizes", type=sizes, dest="synthetic_sizes", metavar="TRAIN,TEST",
+                   help="images a synthetic-* set generates, validation included (default: the real dataset's, "
+                        "50000,10000 for 32x32: about 10 s on one core); ignored for real datasets")
+    g.add_argument("--val-size", type=int, help="training images held out for validation (default: the profile's or dataset's)")
     g.add_argument("--batch-size", type=int)
     g.add_argument("--eps", type=float, help="l_inf budget in pixel units (default: the dataset's, 8/255 for CIFAR)")
     g.add_argument("--step", type=float, help="PGD step in pixel units (default: the dataset's, 2/255 for CIFAR)")
@@ -79,6 +83,15 @@ def epochs(text: str) -> tuple[int, ...]:
         return tuple(int(e) for e in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated epochs such as 8,11, got {text!r}") from None
+
+
+def sizes(text: str) -> tuple[int, int]:
+    """``2000,500`` -> (2000, 500)."""
+    try:
+        train, test = (int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected TRAIN,TEST image counts such as 2000,500, got {text!r}") from None
+    return train, test
 
 
 def alphas(text: str) -> tuple[float, ...]:
@@ -243,16 +256,18 @@ def torch_oom() -> type[BaseException]:
     return torch.cuda.OutOfMemoryError
 
 
-def _stage_dir(out: Path, stage: str, args: argparse.Namespace) -> Path:
-    """The checkpoint folder of a step command, refusing to mix with an earlier run unless told."""
+def _stage_dir(out: Path, stage: str, args: argparse.Namespace, check_only: bool = False) -> Path:
+    """The checkpoint folder of a step command, refusing to mix with an earlier run unless told.
+
+    ``check_only`` raises the refusal without removing anything: commands call it before loading data."""
     import shutil
 
     folder = out / stage
     if (folder / "last.pt").is_file():
-        if args.overwrite:
-            shutil.rmtree(folder)
-        elif not args.resume:
+        if not (args.overwrite or args.resume):
             raise FileExistsError(f"{folder} holds an earlier {stage} run; pass --resume to continue it or --overwrite to start over")
+        if args.overwrite and not check_only:
+            shutil.rmtree(folder)
     return folder
 
 
@@ -329,7 +344,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .checkpoint import save_checkpoint
     from .data import Batches, download_dataset, list_datasets
     from .models import list_models
-    from .pipeline import PROFILES, RiftConfig, _write_csv, _write_json, prepare, results_table, run_rift
+    from .pipeline import PROFILES, RiftConfig, _write_csv, _write_json, prepare, run_rift
 
     if args.command == "list":
         print("models:   " + ", ".join(list_models()))
@@ -374,6 +389,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from .pipeline import adversarial_train_step, build_for
 
         cfg = config_from_args(args)
+        _stage_dir(out, "at", args, check_only=True)
         splits, device = prepare(cfg)
         model = to_device(build_for(cfg, splits), device)
         meta = {"riftlab": __version__, "dataset": cfg.dataset, **model.riftlab_config, "at_method": cfg.at_method, "at_beta": cfg.at_beta}
@@ -427,7 +443,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "interpolate":
-        from .checkpoint import extract_state_dict, read_checkpoint
         from .interpolation import interpolate, interpolation_curve, select_alpha
 
         ft_path = _checkpoint(args.ft, out, "ft.pt", "pass --ft or run `riftlab finetune` first")

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +120,12 @@ class RiftConfig:
 
     def validate(self) -> None:
         from .losses import AT_METHODS
+        from .models import list_models
 
         _check_types(self)
         check_precision(self.precision)
+        if self.robustbench is None and self.model not in list_models():  # fail before the data is loaded
+            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
         if self.at_method not in AT_METHODS:
             raise ValueError(f"unknown at_method {self.at_method!r} (adversarial-training method); choices: {', '.join(AT_METHODS)}")
         if not 0 <= self.at_beta < float("inf"):
@@ -142,6 +145,8 @@ class RiftConfig:
         for name in ("batch_size", "eval_batch_size", "at_eval_every", "mrc_examples", "mrc_passes", "ft_epochs", "eval_steps", "eval_restarts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.synthetic_sizes is not None and (len(self.synthetic_sizes) != 2 or min(self.synthetic_sizes) < 1):
+            raise ValueError(f"synthetic_sizes must be two image counts >= 1, (train, test), got {self.synthetic_sizes}")
         for name in ("train_subset", "val_subset", "test_subset"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {getattr(self, name)}")
@@ -276,18 +281,39 @@ def prepare_run_dir(out: Path, cfg: "RiftConfig", resume: bool, overwrite: bool)
     unfinished run, which must have been started with the same settings. Under torchrun rank 0
     does this while the other ranks wait.
     """
-    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
-    config_file = out / "config.json"
     if not distributed.is_main():  # rank 0 checks and prepares the folder; the others wait for it
         distributed.barrier()
         return
     try:
-        _prepare_run_dir(out, config, config_file, resume, overwrite)
+        check_run_dir(out, cfg, resume, overwrite)
+        _prepare_run_dir(out, _run_config(cfg), overwrite)
     finally:
         distributed.barrier()
 
 
-def _prepare_run_dir(out: Path, config: dict[str, Any], config_file: Path, resume: bool, overwrite: bool) -> None:
+def check_run_dir(out: Path, cfg: "RiftConfig", resume: bool, overwrite: bool) -> None:
+    """Raise the error :func:`prepare_run_dir` would raise, touching nothing (to fail before loading data)."""
+    if overwrite:
+        return
+    if (out / "results.json").is_file():
+        raise FileExistsError(f"{out} already holds a finished run (results.json); pass --overwrite or choose another --out")
+    if any((out / name).exists() for name in _RUN_FILES):
+        if not resume:
+            raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
+        if (out / "config.json").is_file():
+            saved = json.loads((out / "config.json").read_text())
+            fresh = json.loads(json.dumps(_run_config(cfg), default=str))
+            diff = [k for k in sorted(set(saved) | set(fresh)) if saved.get(k) != fresh.get(k)]
+            if diff:
+                raise ValueError(f"cannot resume {out}: it was started with other settings ({', '.join(diff)}); "
+                                 "use the same options, or --overwrite")
+
+
+def _run_config(cfg: "RiftConfig") -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k != "progress"}
+
+
+def _prepare_run_dir(out: Path, config: dict[str, Any], overwrite: bool) -> None:
     import shutil
 
     if overwrite:
@@ -297,20 +323,8 @@ def _prepare_run_dir(out: Path, config: dict[str, Any], config_file: Path, resum
                 shutil.rmtree(target)
             elif target.exists():
                 target.unlink()
-    elif (out / "results.json").is_file():
-        raise FileExistsError(f"{out} already holds a finished run (results.json); pass --overwrite or choose another --out")
-    elif any((out / name).exists() for name in _RUN_FILES):
-        if not resume:
-            raise FileExistsError(f"{out} holds an unfinished run; pass --resume to continue it or --overwrite to start over")
-        if config_file.is_file():
-            saved = json.loads(config_file.read_text())
-            fresh = json.loads(json.dumps(config, default=str))
-            diff = [k for k in sorted(set(saved) | set(fresh)) if saved.get(k) != fresh.get(k)]
-            if diff:
-                raise ValueError(f"cannot resume {out}: it was started with other settings ({', '.join(diff)}); "
-                                 "use the same options, or --overwrite")
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(config_file, config)
+    _write_json(out / "config.json", config)
 
 
 def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | os.PathLike | None = None,
@@ -324,6 +338,7 @@ def run_rift(cfg: RiftConfig, out_dir: str | os.PathLike, at_checkpoint: str | o
     """
     cfg = cfg.resolved()
     out = Path(out_dir)
+    check_run_dir(out, cfg, resume, overwrite)  # a refusal comes before the data loads (seconds to minutes)
     splits, device = prepare(cfg)  # seeds everything; bad data settings fail here, before anything is written
     prepare_run_dir(out, cfg, resume, overwrite)
     if not distributed.is_main():

@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from riftlab import Batches, adversarial_train, build_model, load_dataset
 
 torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def riftlab_commands(*arg_lists: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """Run ``python -m riftlab ARGS`` for each list, side by side (most of each is Python and torch starting up)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "riftlab", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for args in arg_lists]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
+def riftlab_command(*args: str) -> subprocess.CompletedProcess:
+    """``python -m riftlab ARGS`` as a real process: exit code, stdout and stderr."""
+    return riftlab_commands(list(args))[0]
 
 
 @pytest.fixture(scope="session")

@@ -1,21 +1,17 @@
 """The `riftlab` command, in process (fast) and as a real subprocess (exit codes, no tracebacks)."""
 
 import json
-import subprocess
-import sys
 
 import pandas as pd
 import pytest
 
+from conftest import riftlab_command, riftlab_commands
 from riftlab.checkpoint import read_checkpoint
 from riftlab.cli import main
 
-TINY = ["--dataset", "synthetic-cifar10", "--model", "resnet18", "--width", "4", "--train-subset", "256",
-        "--val-subset", "128", "--test-subset", "128", "--device", "cpu", "--no-progress"]
-
-
-def _riftlab(*args):
-    return subprocess.run([sys.executable, "-m", "riftlab", *args], capture_output=True, text=True, timeout=300)
+# A generated set of 2000 images (the default, 60000, takes ~10 s to generate in every command).
+DATA = ["--synthetic-sizes", "1500,500", "--val-size", "250", "--train-subset", "256", "--val-subset", "128", "--test-subset", "128"]
+TINY = ["--dataset", "synthetic-cifar10", "--model", "resnet18", "--width", "4", *DATA, "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -23,15 +19,12 @@ def chained_run(tmp_path_factory):
     """train-at -> mrc -> finetune -> interpolate -> evaluate, each reading the previous step's files."""
     out = tmp_path_factory.mktemp("run")
     o = ["--out", str(out)]
-    # Synthetic sizes come from the profile-free defaults, so keep the run small with subsets.
+    # Data settings are not stored in the checkpoints: every step repeats them.
     assert main(["train-at", *TINY, *o, "--epochs", "2", "--attack-steps", "1"]) == 0
-    assert main(["mrc", *o, "--no-progress", "--examples", "128", "--passes", "1", "--train-subset", "256",
-                 "--val-subset", "128", "--test-subset", "128"]) == 0
-    assert main(["finetune", *o, "--no-progress", "--epochs", "1", "--train-subset", "256", "--val-subset", "128",
-                 "--test-subset", "128"]) == 0
-    assert main(["interpolate", *o, "--no-progress", "--train-subset", "256", "--val-subset", "128", "--test-subset", "128"]) == 0
-    assert main(["evaluate", *o, "--checkpoint", str(out / "rift.pt"), "--no-progress", "--restarts", "1", "--steps", "3",
-                 "--train-subset", "256", "--val-subset", "128", "--test-subset", "128"]) == 0
+    assert main(["mrc", *o, "--no-progress", "--examples", "128", "--passes", "1", *DATA]) == 0
+    assert main(["finetune", *o, "--no-progress", "--epochs", "1", *DATA]) == 0
+    assert main(["interpolate", *o, "--no-progress", *DATA]) == 0
+    assert main(["evaluate", *o, "--checkpoint", str(out / "rift.pt"), "--no-progress", "--restarts", "1", "--steps", "3", *DATA]) == 0
     return out
 
 
@@ -54,8 +47,7 @@ def test_steps_chain_through_the_run_directory(chained_run):
 
 
 def test_finetune_unknown_module_is_a_clear_error(chained_run, capsys):
-    code = main(["finetune", "--out", str(chained_run), "--module", "layer2.1.conv9", "--no-progress", "--epochs", "1",
-                 "--train-subset", "64", "--val-subset", "64", "--test-subset", "64"])
+    code = main(["finetune", "--out", str(chained_run), "--module", "layer2.1.conv9", "--no-progress", "--epochs", "1", *DATA])
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown module 'layer2.1.conv9'; valid modules: conv1, layer1.0.conv1" in err
@@ -70,9 +62,12 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
          "riftlab download cifar10"),
         (["train-at", "--dataset", "synthetic-cifar10", "--eps", "3", "--out", str(tmp_path)], "eps must be in [0, 1]"),
         (["train-at", "--dataset", "synthetic-cifar10", "--device", "cuda:7", "--out", str(tmp_path)], "cuda"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "2000", "--out", str(tmp_path)],
+         "expected TRAIN,TEST image counts such as 2000,500"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "2000,500", "--out", str(tmp_path)],
+         "val_size must be in [0, 2000)"),
     ]
-    for args, message in cases:
-        proc = _riftlab(*args)
+    for (args, message), proc in zip(cases, riftlab_commands(*(args for args, _ in cases))):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -80,15 +75,15 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
 
 def test_rift_refuses_to_overwrite_a_finished_run(tmp_path):
     (tmp_path / "results.json").write_text("{}")
-    proc = _riftlab("rift", "--dataset", "synthetic-cifar10", "--out", str(tmp_path))
+    proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(tmp_path))
     assert proc.returncode == 2 and "already holds a finished run" in proc.stderr and "--overwrite" in proc.stderr
     assert (tmp_path / "results.json").read_text() == "{}"
 
 
 def test_list_and_version():
-    proc = _riftlab("list")
+    proc, version = riftlab_commands(["list"], ["--version"])
     assert proc.returncode == 0 and "resnet18" in proc.stdout and "fashion-mnist" in proc.stdout
-    assert _riftlab("--version").stdout.startswith("riftlab ")
+    assert version.stdout.startswith("riftlab ")
 
 
 def test_same_seed_gives_identical_weights_from_the_command_line(tmp_path):

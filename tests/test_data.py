@@ -20,7 +20,6 @@ import os
 import pickle
 import struct
 import tarfile
-import urllib.error
 import zipfile
 from pathlib import Path
 

@@ -1,12 +1,10 @@
 """Runs that survive kills, checkpoints that cannot hurt, inputs that fail clearly."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,9 +13,7 @@ from riftlab import (Batches, CheckpointError, RiftConfig, adversarial_set, buil
                      interpolation_curve, load_checkpoint, module_robust_criticality, save_checkpoint)
 from riftlab.checkpoint import read_checkpoint
 
-from conftest import make_model
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO, riftlab_command, riftlab_commands
 
 # A tiny AT run as a subprocess: killed with SIGKILL mid-way, then resumed.
 TRAIN_SCRIPT = """
@@ -41,9 +37,7 @@ def _train(out, epochs=6):
 
 
 def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
-    full = _train(tmp_path / "full")
-    assert full.wait(timeout=600) == 0, full.stderr.read()
-    victim = _train(tmp_path / "killed")
+    full, victim = _train(tmp_path / "full"), _train(tmp_path / "killed")  # side by side: one thread each
     last = tmp_path / "killed" / "last.pt"
     deadline = time.time() + 600
     while not last.is_file() or read_checkpoint(last)["epoch"] < 1:  # let it finish two epochs, then kill mid-epoch
@@ -55,6 +49,7 @@ def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     killed_at = read_checkpoint(last)["epoch"]
     assert killed_at < 5, "the run finished before it could be killed; the test proves nothing"
     assert not list((tmp_path / "killed").glob("*.tmp"))  # atomic writes leave no debris
+    assert full.wait(timeout=600) == 0, full.stderr.read()
     resumed = _train(tmp_path / "killed")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     a, b = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(last)
@@ -151,27 +146,24 @@ def test_checkpoint_metadata_mismatch_is_refused(tmp_path):
 def test_config_rejects_wrong_types_and_ranges():
     cases = [(dict(width="8"), "width must be int or None, got '8'"), (dict(eps=2.0), "eps must be in [0, 1]"),
              (dict(train_subset=0), "train_subset must be >= 1"), (dict(alphas=(0.5, 1.0)), "include 0"),
-             (dict(alphas=(0.0, 1.5)), "alphas must lie in [0, 1]"), (dict(at_epochs=2.5), "at_epochs must be int")]
+             (dict(alphas=(0.0, 1.5)), "alphas must lie in [0, 1]"), (dict(at_epochs=2.5), "at_epochs must be int"),
+             (dict(synthetic_sizes=(0, 10)), "synthetic_sizes must be two image counts >= 1"), (dict(model="vgg"), "unknown model 'vgg'")]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as info:
             RiftConfig(dataset="synthetic-cifar10", **kwargs).resolved()
         assert message in str(info.value), (kwargs, str(info.value))
 
 
-def _riftlab(*args):
-    return subprocess.run([sys.executable, "-m", "riftlab", *args], capture_output=True, text=True, timeout=300, cwd=REPO)
-
-
 def test_run_directory_protects_finished_and_unfinished_work(tmp_path):
     out = tmp_path / "run"
     (out / "at").mkdir(parents=True)
     (out / "at" / "last.pt").write_bytes(b"")
-    proc = _riftlab("rift", "--dataset", "synthetic-cifar10", "--out", str(out))
+    proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(out))
     assert proc.returncode == 2 and "holds an unfinished run; pass --resume" in proc.stderr
-    proc = _riftlab("train-at", "--dataset", "synthetic-cifar10", "--out", str(out))
+    proc = riftlab_command("train-at", "--dataset", "synthetic-cifar10", "--out", str(out))
     assert proc.returncode == 2 and "pass --resume to continue it or --overwrite" in proc.stderr
     (out / "config.json").write_text(json.dumps({"dataset": "synthetic-cifar100"}))
-    proc = _riftlab("rift", "--dataset", "synthetic-cifar10", "--out", str(out), "--resume")
+    proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(out), "--resume")
     assert proc.returncode == 2 and "started with other settings" in proc.stderr and "dataset" in proc.stderr
     assert (out / "at" / "last.pt").is_file()  # nothing was removed
 
@@ -188,8 +180,7 @@ def test_empty_subset_and_bad_inputs_exit_cleanly(tmp_path):
         (["train-at", "--dataset", "synthetic-cifar10", "--step", "0"], "step must be in (0, 1]"),
         (["interpolate", "--out", str(tmp_path / "x"), "--threshold", "-1"], "not found"),
     ]
-    for args, message in cases:
-        proc = _riftlab(*args, "--out", str(tmp_path / "out"))
+    for (args, message), proc in zip(cases, riftlab_commands(*([*args, "--out", str(tmp_path / "out")] for args, _ in cases))):
         assert proc.returncode == 2, (args, proc.stderr)
         assert message in proc.stderr, (args, proc.stderr)
         assert "Traceback" not in proc.stderr
@@ -198,7 +189,8 @@ def test_empty_subset_and_bad_inputs_exit_cleanly(tmp_path):
 
 def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    args = ["train-at", "--dataset", "synthetic-cifar10", "--model", "resnet18", "--width", "4", "--train-subset", "300",
+    args = ["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "1500,500", "--val-size", "250",
+            "--model", "resnet18", "--width", "4", "--train-subset", "300",
             "--val-subset", "100", "--test-subset", "100", "--epochs", "40", "--attack-steps", "1", "--batch-size", "50",
             "--device", "cpu", "--no-progress", "--out", str(out)]
     # A shell that starts pytest in the background makes it ignore SIGINT, and a Python started with
@@ -216,9 +208,9 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
     epochs_done = read_checkpoint(last)["epoch"]
     assert epochs_done < 39 and not (out / "at.pt").exists()  # stopped mid-run, nothing claims to be finished
-    refused = _riftlab(*args)
+    refused = riftlab_command(*args)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
     shorter = [a if a != "40" else str(epochs_done + 3) for a in args]  # resume and finish a few epochs later
-    resumed = _riftlab(*shorter, "--resume")
+    resumed = riftlab_command(*shorter, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert read_checkpoint(last)["epoch"] == epochs_done + 2 and (out / "at.pt").is_file()

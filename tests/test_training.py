@@ -58,7 +58,8 @@ def test_lr_milestones_from_the_config_and_the_command_line(tmp_path):
         with pytest.raises(ValueError, match=r"at_milestones must be increasing epochs in \[1, at_epochs\)"):
             RiftConfig(at_epochs=20, at_milestones=bad).resolved()
     out = tmp_path / "run"
-    assert main(["train-at", "--dataset", "synthetic-cifar10", "--width", "4", "--train-subset", "128", "--val-subset", "64",
+    assert main(["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "1500,500", "--val-size", "250",
+                 "--width", "4", "--train-subset", "128", "--val-subset", "64",
                  "--test-subset", "64", "--epochs", "3", "--milestones", "1,2", "--attack-steps", "1", "--eval-every", "2",
                  "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
     import pandas as pd
