@@ -182,12 +182,15 @@ PROFILES: dict[str, dict[str, Any]] = {
     "cpu": dict(width=8, train_subset=10000, val_subset=1000, test_subset=2000, synthetic_sizes=(16000, 2000),
                 at_epochs=15, at_attack_steps=3, at_attack_step=4 / 255, mrc_examples=512, mrc_passes=3,
                 ft_epochs=4, eval_restarts=1),
-    # The demo: a few minutes on a laptop CPU. AT validates at epochs 5 and 10 only: a PGD-10 pass over the
-    # 1000 validation images costs a fifth to a third of a PGD-3 epoch on 4000 (more as more images resist),
-    # and the last epoch was the best one in every demo run we made.
-    "demo": dict(dataset="synthetic-cifar10", width=8, train_subset=4000, val_subset=1000, test_subset=1000,
-                 synthetic_sizes=(5000, 1000), val_size=1000, batch_size=64, at_epochs=10, at_attack_steps=3, at_attack_step=4 / 255,
-                 at_eval_every=5, mrc_examples=256, mrc_passes=3, ft_epochs=4, ft_lr=0.01, eval_restarts=1),
+    # The demo: a few minutes on a laptop CPU. Width 16, not 8: at width 8 the least critical module (a 1x1
+    # shortcut of 128 weights) could not learn anything on clean data, so RiFT had nothing to win. AT is
+    # "fast AT" (PGD-1 from a random start, step 1.25 eps = 10/255; Wong et al. 2020): at width 16 it
+    # gave a better model than PGD-3 in half the time. Fine-tuning keeps the paper's lr (0.001) for 4
+    # epochs: the weight moves ~6% of its norm, inside MRC's 10% ball, so the robust curve stays flat over
+    # most alphas. AT validates at epochs 5 and 10 only (the last epoch was the best in every demo run).
+    "demo": dict(dataset="synthetic-cifar10", width=16, train_subset=4000, val_subset=1000, test_subset=1000,
+                 synthetic_sizes=(5000, 1000), val_size=1000, batch_size=64, at_epochs=10, at_attack_steps=1, at_attack_step=10 / 255,
+                 at_eval_every=5, mrc_examples=256, mrc_passes=3, ft_epochs=4, eval_restarts=1),
     # The book's offline CPU profile (chapters 1-5): real Fashion-MNIST (eps 0.1), a ResNet-18 of width 8; all five
     # chapters in about four minutes on one CPU core. Batches of 128 for evaluation give MRC 12 ascent steps; alpha
     # on a 0.2 grid halves the cost of the interpolation curves (chapter 3 draws four of them).

@@ -1,7 +1,8 @@
-"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (about 4.5 minutes on a 2-core CPU).
+"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (6.5 minutes on the 2-core CPU
+this project is built on, which runs the guide's width-16 yardstick 2.5x slower than its 1,500 images/s).
 
-Whether RiFT wins on this small generated set depends on the seed (see the issue notes): this test
-checks what must hold on every run, and that any alpha > 0 it picks is a real, rule-abiding win.
+RiFT must win here: the selection picks an alpha > 0 with a clean-accuracy gain on validation and
+robust accuracy within the threshold (alpha = 0 always satisfies the rule, so that alone proves nothing).
 """
 
 import json
@@ -27,10 +28,7 @@ def test_demo_pipeline_selects_on_validation_and_reports_test(tmp_path):
     assert val["at"]["clean_acc"] == curve["clean_acc"].iloc[0] and val["at"]["robust_acc"] == curve["robust_acc"].iloc[0]
     clean_gain = val["rift"]["clean_acc"] - val["at"]["clean_acc"]
     robust_change = val["rift"]["robust_acc"] - val["at"]["robust_acc"]
-    if results["alpha"] > 0:  # a chosen interpolation is a real win within the threshold
-        assert clean_gain > 0 and robust_change >= -cfg.threshold
-    else:
-        assert clean_gain == 0 and robust_change == 0
+    assert results["alpha"] > 0 and clean_gain > 0 and robust_change >= -cfg.threshold - 1e-9  # the rule's float tolerance
 
     # AT learned a robust model on this data (chance is 10%).
     assert results["test"]["at"]["robust_acc"] > 15
