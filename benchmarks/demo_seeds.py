@@ -6,7 +6,7 @@ selection rule chose and how many validation images the chosen interpolation gai
 
 A net clean gain of a few images out of 1000 is within what the training's floating-point
 chaos moves between machines and thread counts; the flip counts (gained/lost) show whether a gain
-is one-sided. Each seed takes about 6.5 minutes on a 2-core CPU. Runs go to --out/seed<N>.
+is one-sided. Each seed takes about 5.5 minutes on a 2-core CPU. Runs go to --out/seed<N>.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, F
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data, model and run")
     g.add_argument("--profile", choices=list(PROFILES), default=None,
-                   help="preset of all settings: paper (GPU), cpu (small, minutes), demo (synthetic, ~6 min on a 2-core CPU), "
+                   help="preset of all settings: paper (GPU), cpu (small, minutes), demo (synthetic, ~5 min on a 2-core CPU), "
                         "book (Fashion-MNIST, the book's chapters 1-5)")
     g.add_argument("--dataset", help="dataset name (see `riftlab list`)")
     g.add_argument("--model", help="model name (see `riftlab list`)")

@@ -1,5 +1,5 @@
-"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (6.5 minutes on the 2-core CPU
-this project is built on, which runs the guide's width-16 yardstick 2.5x slower than its 1,500 images/s).
+"""The whole RiFT pipeline on a generated dataset, as `riftlab demo` runs it (5.3 minutes on the 2-core CPU
+this project is built on, which runs the guide's width-16 yardstick 2.3 to 2.5x slower than its 1,500 images/s).
 
 RiFT must win here: the selection picks an alpha > 0 with a clean-accuracy gain on validation and
 robust accuracy within the threshold (alpha = 0 always satisfies the rule, so that alone proves nothing).
