@@ -39,7 +39,7 @@ data:
 # The pytest suite, then the notebooks re-executed and compared with their stored outputs (nbval;
 # stderr and images are not compared, timings/paths masked: notebooks/conftest.py, book/nbval_sanitize.cfg).
 test: $(STAMP) data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	$(MAKE) --no-print-directory test-notebooks
 
 test-notebooks: $(STAMP) data
