@@ -158,12 +158,13 @@ def test_run_directory_protects_finished_and_unfinished_work(tmp_path):
     out = tmp_path / "run"
     (out / "at").mkdir(parents=True)
     (out / "at" / "last.pt").write_bytes(b"")
-    proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(out))
-    assert proc.returncode == 2 and "holds an unfinished run; pass --resume" in proc.stderr
-    proc = riftlab_command("train-at", "--dataset", "synthetic-cifar10", "--out", str(out))
-    assert proc.returncode == 2 and "pass --resume to continue it or --overwrite" in proc.stderr
+    # The refusals come before the data loads: CIFAR10 files that do not exist are never asked for.
+    no_data = ["--dataset", "cifar10", "--data-root", str(tmp_path / "no-data"), "--out", str(out)]
+    rift, train = riftlab_commands(["rift", *no_data], ["train-at", *no_data])
+    assert rift.returncode == 2 and "holds an unfinished run; pass --resume" in rift.stderr
+    assert train.returncode == 2 and "pass --resume to continue it or --overwrite" in train.stderr
     (out / "config.json").write_text(json.dumps({"dataset": "synthetic-cifar100"}))
-    proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(out), "--resume")
+    proc = riftlab_command("rift", *no_data, "--resume")
     assert proc.returncode == 2 and "started with other settings" in proc.stderr and "dataset" in proc.stderr
     assert (out / "at" / "last.pt").is_file()  # nothing was removed
 
