@@ -31,6 +31,9 @@ from .zoo import MissingDependencyError
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingDependencyError)
 
 
+_VAL_SIZE_HELP = "training images held out for validation (default: the profile's or dataset's)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data, model and run")
     g.add_argument("--profile", choices=list(PROFILES), default=None,
@@ -50,7 +53,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic-sizes", type=sizes, dest="synthetic_sizes", metavar="TRAIN,TEST",
                    help="images a synthetic-* set generates, validation included (default: the real dataset's, "
                         "50000,10000 for 32x32: about 10 s on one core); ignored for real datasets")
-    g.add_argument("--val-size", type=int, help="training images held out for validation (default: the profile's or dataset's)")
+    g.add_argument("--val-size", type=int, help=_VAL_SIZE_HELP)
     g.add_argument("--batch-size", type=int)
     g.add_argument("--eps", type=float, help="l_inf budget in pixel units (default: the dataset's, 8/255 for CIFAR)")
     g.add_argument("--step", type=float, help="PGD step in pixel units (default: the dataset's, 2/255 for CIFAR)")
@@ -209,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the table gives mean and std (the paper: 3 seeds)")
     p.add_argument("--width", type=int)
     p.add_argument("--at-epochs", type=int)
-    p.add_argument("--val-size", type=int, help="training images held out for validation (default: the profile's or dataset's)")
+    p.add_argument("--val-size", type=int, help=_VAL_SIZE_HELP)
     p.add_argument("--data-root")
     p.add_argument("--download", action="store_true", default=None)
     p.add_argument("--device")

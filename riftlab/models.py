@@ -33,6 +33,13 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def check_model_name(name: str) -> str:
+    """``name`` itself when it is registered, else a ValueError listing the valid names."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
+    return name
+
+
 def build_model(
     name: str,
     num_classes: int = 10,
@@ -54,9 +61,7 @@ def build_model(
             small values give fast CPU variants with identical module names.
         mean, std: per-channel normalisation applied inside the model (defaults: 0 and 1).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}")
-    model = _MODELS[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
+    model = _MODELS[check_model_name(name)](num_classes=num_classes, in_channels=in_channels, image_size=image_size, width=width)
     channels = in_channels
     model.normalize = Normalize(mean if mean is not None else [0.0] * channels, std if std is not None else [1.0] * channels)
     model.riftlab_config = {

@@ -120,12 +120,12 @@ class RiftConfig:
 
     def validate(self) -> None:
         from .losses import AT_METHODS
-        from .models import list_models
+        from .models import check_model_name
 
         _check_types(self)
         check_precision(self.precision)
-        if self.robustbench is None and self.model not in list_models():  # fail before the data is loaded
-            raise ValueError(f"unknown model {self.model!r}; valid models: {', '.join(list_models())}")
+        if self.robustbench is None:
+            check_model_name(self.model)  # fail before the data is loaded
         if self.at_method not in AT_METHODS:
             raise ValueError(f"unknown at_method {self.at_method!r} (adversarial-training method); choices: {', '.join(AT_METHODS)}")
         if not 0 <= self.at_beta < float("inf"):
