@@ -21,7 +21,7 @@ from .compute import set_precision, to_device, use_precision
 from .corruptions import CORRUPTIONS, REFERENCE_CORRUPTIONS, corrupt
 from .criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits, DatasetNotFoundError, ImageSet, dataset_info, list_datasets, load_dataset, make_synthetic
-from .evaluation import accuracy, evaluate
+from .evaluation import accuracy, compare, evaluate
 from .finetune import FinetuneResult, finetune_module
 from .interpolation import interpolate, interpolation_curve, select_alpha
 from .losses import AT_METHODS, mart_loss, trades_loss
@@ -36,7 +36,7 @@ __all__ = [
     "pgd", "autoattack_accuracy", "CheckResult", "gradient_masking_checks",
     "CheckpointError", "load_checkpoint", "save_checkpoint", "adversarial_set", "module_robust_criticality",
     "Batches", "DataSplits", "DatasetNotFoundError", "ImageSet", "dataset_info", "list_datasets", "load_dataset",
-    "make_synthetic", "accuracy", "evaluate", "FinetuneResult", "finetune_module", "interpolate", "interpolation_curve",
+    "make_synthetic", "accuracy", "compare", "evaluate", "FinetuneResult", "finetune_module", "interpolate", "interpolation_curve",
     "select_alpha", "build_model", "list_models", "weight_modules", "PROFILES", "RiftConfig", "run_rift",
     "TrainResult", "adversarial_train", "AT_METHODS", "mart_loss", "trades_loss", "ablate",
     "CORRUPTIONS", "REFERENCE_CORRUPTIONS", "corrupt", "OODResult", "ood_accuracy",

@@ -32,7 +32,7 @@ def pgd(
     x: torch.Tensor,
     y: torch.Tensor,
     eps: float,
-    alpha: float,
+    step: float,
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
@@ -50,7 +50,7 @@ def pgd(
         x: clean images in [0, 1], (N, C, H, W).
         y: labels, (N,).
         eps: l_inf radius in pixel units (8/255 for CIFAR).
-        alpha: step size in pixel units (2/255 for CIFAR).
+        step: step size in pixel units (2/255 for CIFAR).
         steps: number of gradient steps (0 returns the start point).
         random_start: start from a uniform point in the eps ball, as in PGD-AT.
         generator: random source for the start point (for reproducible attacks).
@@ -58,14 +58,14 @@ def pgd(
     Returns:
         Adversarial images, detached, with ``|x_adv - x| <= eps`` and values in [0, 1].
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError(f"eps, alpha and steps must be non-negative (got eps={eps}, alpha={alpha}, steps={steps})")
+    if eps < 0 or step < 0 or steps < 0:
+        raise ValueError(f"eps, step and steps must be non-negative (got eps={eps}, step={step}, steps={steps})")
     x = x.detach()
     if random_start and eps > 0:
         x_adv = random_start_point(x, eps, generator)
     else:
         x_adv = x.clone()
-    return _ascend(model, x, y, x_adv, eps, alpha, steps)
+    return _ascend(model, x, y, x_adv, eps, step, steps)
 
 
 def random_start_point(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -74,7 +74,7 @@ def random_start_point(x: torch.Tensor, eps: float, generator: torch.Generator |
     return (x + noise).clamp_(0, 1)
 
 
-def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float, alpha: float, steps: int) -> torch.Tensor:
+def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:
     """``steps`` signed-gradient ascent steps from ``x_adv``, each projected onto the eps ball around ``x`` and [0, 1]."""
     if eps == 0 or steps == 0:
         return x_adv
@@ -86,6 +86,6 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Ten
                 loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
-                x_adv = x_adv.detach() + alpha * grad.sign()
+                x_adv = x_adv.detach() + step * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
     return x_adv.detach()

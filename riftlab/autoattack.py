@@ -98,6 +98,7 @@ def autoattack_accuracy(
     seed: int = 0,
     log_path: str | os.PathLike | None = None,
     batch_size: int = 256,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Clean and AutoAttack robust accuracy (l_inf) of ``model`` on the images ``x``.
 
@@ -117,6 +118,8 @@ def autoattack_accuracy(
         log_path: file that receives AutoAttack's own log (per-attack progress and checks);
             without it the log is discarded, apart from its warnings, which are returned.
         batch_size: images per forward pass.
+        per_image: also return ``robust_correct``, a boolean CPU tensor (N,): correct on the clean
+            image and on AutoAttack's returned image (for paired comparisons of two models).
 
     Returns:
         ``{"n", "eps", "version", "seed", "clean_acc", "robust_acc" (percent), "attacks" (the
@@ -153,6 +156,9 @@ def autoattack_accuracy(
             attacks = list(adversary.attacks_to_run)
     robust = (y_adv.to(y.device) == y) & clean  # y_adv: the prediction on each returned image
     n = len(y)
-    return {"n": n, "eps": float(eps), "version": version, "seed": seed,
-            "clean_acc": 100.0 * float(clean.sum()) / n, "robust_acc": 100.0 * float(robust.sum()) / n,
-            "attacks": attacks, "warnings": log.messages, "seconds": time.perf_counter() - started}
+    out = {"n": n, "eps": float(eps), "version": version, "seed": seed,
+           "clean_acc": 100.0 * float(clean.sum()) / n, "robust_acc": 100.0 * float(robust.sum()) / n,
+           "attacks": attacks, "warnings": log.messages, "seconds": time.perf_counter() - started}
+    if per_image:
+        out["robust_correct"] = robust.cpu()
+    return out

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -54,7 +55,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="images a synthetic-* set generates, validation included (default: the real dataset's, "
                         "50000,10000 for 32x32: about 10 s on one core); ignored for real datasets")
     g.add_argument("--val-size", type=int, help=_VAL_SIZE_HELP)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
+    g.add_argument("--eval-batch-size", type=int, help="images per batch of every attack and evaluation (default 512; halve it on out-of-memory)")
     g.add_argument("--eps", type=float, help="l_inf budget in pixel units (default: the dataset's, 8/255 for CIFAR)")
     g.add_argument("--step", type=float, help="PGD step in pixel units (default: the dataset's, 2/255 for CIFAR)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
@@ -158,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alphas", type=alphas, help="interpolation weights, comma-separated, including 0 (default 0,0.1,...,1)")
     p.add_argument("--steps", type=int, dest="eval_steps", help="PGD steps of every evaluation (default 10)")
     p.add_argument("--restarts", type=int, dest="eval_restarts", help="random restarts of the test evaluation (default 3)")
+    p.add_argument("--name", dest="ablation_name", default="ablation", metavar="NAME",
+                   help="work folder OUT/NAME and table OUT/NAME.csv (default: %(default)s), so ablations with other settings sit side by side")
 
     p = sub.add_parser("evaluate", help="clean and PGD robust accuracy on the test split")
     _common(p)
@@ -181,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--severities", dest="ood_severities", default="1,2,3,4,5", metavar="LIST",
                    help="comma-separated severities to average (default 1,2,3,4,5; the reference uses 1 on Tiny-ImageNet-C)")
 
+    p = sub.add_parser("compare", help="two models on the same images and random starts: both accuracies and B - A with "
+                                       "95%% paired intervals; writes OUT/compare-<A>-<B>-<split>.json")
+    _common(p)
+    p.add_argument("--a", dest="model_a", metavar="PATH", help="model A, the reference (default: OUT/at.pt)")
+    p.add_argument("--b", dest="model_b", metavar="PATH", help="model B (default: OUT/rift.pt)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--steps", type=int, dest="eval_steps", help="PGD steps (default 10)")
+    p.add_argument("--restarts", type=int, dest="eval_restarts", help="random restarts, worst case per image (default 3)")
+    p.add_argument("--autoattack", type=int, metavar="N", help="also standard AutoAttack on the first N images of the split, "
+                   "both models, compared image by image")
+
     p = sub.add_parser("rift", help="the whole pipeline (from an AT checkpoint, a RobustBench model or from scratch)")
     _common(p)
     _robustbench(p)
@@ -189,10 +204,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--at-milestones", type=epochs, metavar="E1,E2", help="epochs after which the AT lr drops x0.1 "
                    "(default: the paper's 100,105 of 110, scaled to --at-epochs)")
     p.add_argument("--at-eval-every", type=int, metavar="K", help="validate every K-th AT epoch and the last (default 1)")
-    p.add_argument("--ft-epochs", type=int)
-    p.add_argument("--ft-lr", type=float)
-    p.add_argument("--module", dest="ft_module")
-    p.add_argument("--threshold", type=float)
+    p.add_argument("--at-lr", type=float, help="adversarial-training learning rate (default 0.1)")
+    p.add_argument("--at-attack-steps", type=int, metavar="N", help="PGD steps of the training attack (default 10; 1 with a large "
+                   "--at-attack-step is 'fast AT')")
+    p.add_argument("--at-attack-step", type=float, metavar="STEP", help="step of the training attack in pixel units (default: --step)")
+    g = p.add_argument_group("MRC, fine-tuning and interpolation")
+    g.add_argument("--mrc-examples", type=int, metavar="N", help="training images in MRC's adversarial set (default 10000)")
+    g.add_argument("--mrc-passes", type=int, metavar="N", help="gradient-ascent passes of MRC over that set (default 10)")
+    g.add_argument("--mrc-eps", type=float, help="MRC's weight-perturbation radius, relative to the weight's norm (default 0.1)")
+    g.add_argument("--ft-epochs", type=int, help="fine-tuning epochs (default 10; the lr drops x0.1 halfway)")
+    g.add_argument("--ft-lr", type=float, help="fine-tuning learning rate (default 0.001)")
+    g.add_argument("--module", dest="ft_module", help="fine-tune this module (default: the least robust-critical one)")
+    g.add_argument("--update-bn-stats", action="store_true", default=None,
+                   help="let every BatchNorm's statistics drift during fine-tuning (the reference code's behaviour)")
+    g.add_argument("--alphas", type=alphas, help="interpolation weights, comma-separated, including 0 (default 0,0.1,...,1)")
+    g.add_argument("--threshold", type=float, help="allowed validation robust-accuracy drop in points (default 0.1)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-steps", type=int, metavar="N", help="PGD steps of every evaluation (default 10)")
+    g.add_argument("--eval-restarts", type=int, metavar="N", help="random restarts of the test evaluation, worst case per image (default 3)")
+    g.add_argument("--val-restarts", type=int, metavar="N", help="random restarts on validation (the interpolation curve; default 1)")
     _at_method(p)
 
     p = sub.add_parser("demo", help="the full pipeline on a synthetic set on CPU in a few minutes")
@@ -232,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite", "resume", "variants", "k"}
+_NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "at_checkpoint", "overwrite", "resume", "variants", "k",
+               "ablation_name", "model_a", "model_b", "autoattack"}
 
 
 def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = None):
@@ -476,13 +507,15 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         from .ablation import VARIANTS, ablate, ablation_table, variant_modules
 
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.ablation_name):
+            raise ValueError(f"--name must be a plain folder name (letters, digits, '_', '.', '-'), got {args.ablation_name!r}")
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown or not variants:
             raise ValueError(f"unknown ablation variant {unknown[0] if unknown else args.variants!r}; choices: {', '.join(VARIANTS)}")
         path = _checkpoint(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
         mrc = pd.read_csv(_checkpoint(None, out, "mrc.csv", "run `riftlab mrc` first"))
-        work = out / "ablation"
+        work = out / args.ablation_name
         earlier = work.is_dir() and any(work.iterdir())
         if earlier and not (args.resume or args.overwrite):
             raise FileExistsError(f"{work} holds an earlier ablation; pass --resume to continue it or --overwrite to start over")
@@ -496,11 +529,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         train = Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device, seed=cfg.seed)
         val = Batches(splits.val, cfg.eval_batch_size, device=device)
         test = Batches(splits.test, cfg.eval_batch_size, device=device)
-        table = ablate(model, mrc, train, val, test, cfg, variants, k=args.k, out_dir=work)
-        _write_csv(out / "ablation.csv", table)
+        table = ablate(model, mrc, train, val, test, cfg, variants, k=args.k, out_dir=work, reference_dir=out / "reference")
+        _write_csv(out / f"{args.ablation_name}.csv", table)
         print(ablation_table(table))
-        print(f"wrote {out / 'ablation.csv'}")
+        print(f"wrote {out / (args.ablation_name + '.csv')}")
         return 0
+
+    if args.command == "compare":
+        return _compare(args, out)
 
     if args.command == "evaluate":
         from .evaluation import evaluate
@@ -554,6 +590,55 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(line, file=sys.stderr)
         return 0
     raise ValueError(f"unknown command {args.command}")  # argparse prevents this
+
+
+def _compare(args: argparse.Namespace, out: Path) -> int:
+    """``riftlab compare``: A and B on the same images and random starts (the pipeline's test seed on ``test``)."""
+    from .data import Batches, ImageSet
+    from .evaluation import compare
+    from .pipeline import _write_json, prepare, without_masks
+    from .stats import format_difference, paired_difference
+
+    autoattack = vars(args).pop("autoattack")
+    if autoattack is not None and autoattack < 1:
+        raise ValueError(f"--autoattack must be a positive number of images, got {autoattack}")
+    a_path = _checkpoint(args.model_a, out, "at.pt", "pass --a PATH (the reference model)")
+    b_path = _checkpoint(args.model_b, out, "rift.pt", "pass --b PATH (the model compared with it)")
+    cfg = config_from_args(args, _meta_of(a_path))
+    splits, device = prepare(cfg)
+    model_a, model_b = _load_model(cfg, splits, a_path, device), _load_model(cfg, splits, b_path, device)
+    images = getattr(splits, args.split)
+    seed = cfg.seed + 1 if args.split == "test" else cfg.seed  # run_rift's convention: test starts differ from the curve's
+    result = compare(model_a, model_b, Batches(images, cfg.eval_batch_size, device=device), cfg.eps, cfg.step, cfg.eval_steps,
+                     cfg.eval_restarts, seed=seed)
+    report: dict[str, Any] = {"a": str(a_path), "b": str(b_path), "split": args.split, "seed": seed,
+                              "a_result": without_masks(result["a"]), "b_result": without_masks(result["b"]),
+                              "clean": result["clean"], "robust": result["robust"]}
+    if autoattack:
+        from .autoattack import autoattack_accuracy
+
+        first = ImageSet(images.images[:autoattack], images.labels[:autoattack])
+        x, y = first.float().to(device), first.labels.to(device)
+        runs = {tag: autoattack_accuracy(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.eval_batch_size, per_image=True,
+                                         log_path=out / f"autoattack-{Path(path).stem}-{args.split}.log")
+                for tag, model, path in (("a", model_a, a_path), ("b", model_b, b_path))}
+        report["autoattack"] = {"n": len(first), "a": without_masks(runs["a"]), "b": without_masks(runs["b"]),
+                                "robust": paired_difference(runs["a"]["robust_correct"], runs["b"]["robust_correct"])}
+    name = f"compare-{Path(a_path).stem}-{Path(b_path).stem}-{args.split}.json"
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / name, report)
+    print(f"{'':8s} {'clean':>8s} {'robust':>8s}   ({args.split}, {result['a']['n']} images, PGD-{cfg.eval_steps}, "
+          f"worst of {cfg.eval_restarts}, attack seed {seed})")
+    for tag, path in (("a", a_path), ("b", b_path)):
+        print(f"{tag.upper()}: {result[tag]['clean_acc']:8.2f} {result[tag]['robust_acc']:8.2f}   {path}")
+    for kind in ("clean", "robust"):
+        print(f"B - A, {kind}: {format_difference(result[kind])} points (95% paired interval; images +gained/-lost)")
+    if autoattack:
+        aa = report["autoattack"]
+        print(f"AutoAttack (standard) on the first {aa['n']} images: A {aa['a']['robust_acc']:.2f}, B {aa['b']['robust_acc']:.2f}; "
+              f"B - A {format_difference(aa['robust'])}")
+    print(f"wrote {out / name}")
+    return 0
 
 
 def _masking_checks(model, images, cfg, device, options: dict[str, Any], log_path: Path, result: dict[str, Any]) -> list[str]:

@@ -32,7 +32,7 @@ __all__ = ["module_robust_criticality", "adversarial_set"]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
 
-def adversarial_set(model: nn.Module, batches: Iterable[Batch], eps: float, alpha: float, steps: int = 10, seed: int = 0) -> list[Batch]:
+def adversarial_set(model: nn.Module, batches: Iterable[Batch], eps: float, step: float, steps: int = 10, seed: int = 0) -> list[Batch]:
     """Craft PGD adversarial examples against ``model`` once and keep them (as a list of batches).
 
     RiFT builds this set from *training* data: the test split is only ever reported.
@@ -42,7 +42,7 @@ def adversarial_set(model: nn.Module, batches: Iterable[Batch], eps: float, alph
     for x, y in batches:
         if gen is None:
             gen = torch.Generator(device=x.device).manual_seed(seed)
-        out.append((pgd(model, x, y, eps, alpha, steps, generator=gen), y))
+        out.append((pgd(model, x, y, eps, step, steps, generator=gen), y))
     return out
 
 

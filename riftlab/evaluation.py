@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
@@ -13,7 +14,7 @@ from ._loop import SweepProgress
 from .attacks import _ascend, eval_mode, random_start_point
 from .compute import autocast
 
-__all__ = ["evaluate", "accuracy"]
+__all__ = ["evaluate", "accuracy", "compare"]
 
 
 @torch.no_grad()
@@ -37,23 +38,29 @@ def evaluate(
     model: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
     eps: float,
-    alpha: float,
+    step: float,
     steps: int = 10,
     restarts: int = 1,
     seed: int = 0,
     checkpoint_path: str | os.PathLike | None = None,
-) -> dict[str, float]:
+    per_image: bool = False,
+) -> dict[str, Any]:
     """Clean accuracy and PGD-``steps`` robust accuracy, worst case over ``restarts`` random starts.
 
     An example counts as robust only if it is classified correctly on the clean image and under
     every restart (a per-example worst case, never weaker than the paper's worst of 3 whole runs).
     Only examples still correct are attacked again, which leaves the result unchanged and saves
-    time. Accuracies are in percent.
+    time. Accuracies are in percent; ``eps`` and ``step`` in pixel units.
+
+    Random starts are drawn per image, in batch order, from ``seed``: two models evaluated with
+    the same batches and seed meet the same starts on every image (see :func:`compare`).
+    ``per_image=True`` adds ``clean_correct`` and ``robust_correct``, boolean CPU tensors (N,) in
+    the order of ``batches``.
 
     A batch that does not fit in GPU memory is evaluated in halves (the same attack; the halves draw
     their own random starts).
-    With ``checkpoint_path``, the counts and the attack's random state are saved after every
-    batch and an existing file resumes the evaluation.
+    With ``checkpoint_path``, the counts (and per-image results) and the attack's random state are
+    saved after every batch and an existing file resumes the evaluation.
 
     Under torchrun, each rank attacks its slice of every batch (random starts drawn from
     ``seed`` and the rank) and the counts are summed over the ranks; ``checkpoint_path`` is then
@@ -61,17 +68,19 @@ def evaluate(
     """
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError(f"eps, alpha (step size) and steps must be non-negative, got {eps}, {alpha}, {steps}")
+    if eps < 0 or step < 0 or steps < 0:
+        raise ValueError(f"eps, step (the PGD step size) and steps must be non-negative, got {eps}, {step}, {steps}")
     model = distributed.unwrap(model)
     batches, sharded = distributed.shard(batches)
     if sharded:
         checkpoint_path = None
         seed = seed + 1_000_003 * distributed.rank()
-    progress = SweepProgress(checkpoint_path, {"eps": eps, "alpha": alpha, "steps": steps, "restarts": restarts, "seed": seed})
+    progress = SweepProgress(checkpoint_path, {"eps": eps, "step": step, "steps": steps, "restarts": restarts, "seed": seed,
+                                               "per_image": per_image})
     state = progress.load()
     done = state.get("batches", 0)
     counts = {k: state.get(k, 0) for k in ("clean", "robust", "total")}
+    masks: dict[str, list[torch.Tensor]] = {k: list(state.get(k + "_masks", [])) for k in ("clean", "robust")}
     gen = None
     with eval_mode(model):
         for i, (x, y) in enumerate(batches):
@@ -81,22 +90,72 @@ def evaluate(
                     gen.set_state(state["generator"])
             if i < done:
                 continue
-            clean, robust = _evaluate_batch(model, x, y, eps, alpha, steps, restarts, gen)
-            counts["clean"] += clean
-            counts["robust"] += robust
+            clean, robust = _evaluate_batch(model, x, y, eps, step, steps, restarts, gen)
+            counts["clean"] += int(clean.sum())
+            counts["robust"] += int(robust.sum())
             counts["total"] += len(y)
+            if per_image:
+                masks["clean"].append(clean.cpu())
+                masks["robust"].append(robust.cpu())
             if checkpoint_path is not None:
-                progress.save({"batches": i + 1, **counts, "generator": gen.get_state()})
+                saved = {"batches": i + 1, **counts, "generator": gen.get_state()}
+                if per_image:
+                    saved.update(clean_masks=masks["clean"], robust_masks=masks["robust"])
+                progress.save(saved)
     if sharded:
         summed = torch.tensor([counts["clean"], counts["robust"], counts["total"]], device=next(model.parameters()).device)
         distributed.all_reduce_sum(summed)
         counts = dict(zip(("clean", "robust", "total"), summed.tolist()))
+        if per_image:  # rank r holds slice r of every batch: batch by batch, the slices in rank order are the batch
+            parts = distributed.gather_objects(masks)
+            masks = {k: [torch.cat([p[k][i] for p in parts]) for i in range(len(parts[0][k]))] for k in ("clean", "robust")}
     total = max(counts["total"], 1)
-    return {"clean_acc": 100.0 * counts["clean"] / total, "robust_acc": 100.0 * counts["robust"] / total,
-            "eps": eps, "step": alpha, "steps": steps, "restarts": restarts, "n": counts["total"]}
+    result: dict[str, Any] = {"clean_acc": 100.0 * counts["clean"] / total, "robust_acc": 100.0 * counts["robust"] / total,
+                              "eps": eps, "step": step, "steps": steps, "restarts": restarts, "seed": seed, "n": counts["total"]}
+    if per_image:
+        for k in ("clean", "robust"):
+            result[f"{k}_correct"] = torch.cat(masks[k]) if masks[k] else torch.zeros(0, dtype=torch.bool)
+    return result
 
 
-def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, restarts: int,
+def compare(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    eps: float,
+    step: float,
+    steps: int = 10,
+    restarts: int = 1,
+    seed: int = 0,
+    checkpoint_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Evaluate two models on the same images with the same per-image random starts, and compare them.
+
+    Both models go through :func:`evaluate` with the same ``batches`` and ``seed``, so every image
+    meets the same PGD starts for A and for B; the robust difference is then a difference of the
+    models, not of the attack's luck. Differences are B minus A, in points, each with the exact
+    conditional 95% interval of :func:`riftlab.stats.paired_difference` (Clopper-Pearson on the
+    discordant images, McNemar) and the counts of images gained and lost.
+
+    With ``checkpoint_path`` (a file stem), each model's evaluation resumes from
+    ``<stem>-a.pt`` / ``<stem>-b.pt``.
+
+    Returns:
+        ``{"clean": paired difference, "robust": paired difference, "a": evaluate(A), "b": evaluate(B)}``;
+        ``a`` and ``b`` carry the per-image ``clean_correct`` / ``robust_correct`` masks.
+    """
+    from .stats import paired_difference
+
+    def path(tag: str) -> Path | None:
+        return None if checkpoint_path is None else Path(f"{checkpoint_path}-{tag}.pt")
+
+    a = evaluate(model_a, batches, eps, step, steps, restarts, seed, checkpoint_path=path("a"), per_image=True)
+    b = evaluate(model_b, batches, eps, step, steps, restarts, seed, checkpoint_path=path("b"), per_image=True)
+    return {"clean": paired_difference(a["clean_correct"], b["clean_correct"]),
+            "robust": paired_difference(a["robust_correct"], b["robust_correct"]), "a": a, "b": b}
+
+
+def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, restarts: int,
                     gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean masks (N,): correct on the clean image, and correct under every one of ``restarts`` PGD attacks.
 
@@ -112,23 +171,23 @@ def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         idx = alive.nonzero().squeeze(1)  # one host sync per restart: the attacked batch's size
         if len(idx) == 0:
             continue  # still draw the remaining starts, so later batches keep theirs
-        x_adv = _ascend(model, x[idx], y[idx], starts[idx], eps, alpha, steps)
+        x_adv = _ascend(model, x[idx], y[idx], starts[idx], eps, step, steps)
         with torch.no_grad(), autocast(x.device):
             alive[idx] = model(x_adv).argmax(1) == y[idx]
     return clean, alive
 
 
-def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int, restarts: int,
-                    gen: torch.Generator) -> tuple[int, int]:
+def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, restarts: int,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image masks (clean correct, robust correct) of one batch; halves it on a CUDA out-of-memory error."""
     try:
-        clean, robust = _robust_correct(model, x, y, eps, alpha, steps, restarts, gen)
-        return int(clean.sum()), int(robust.sum())
+        return _robust_correct(model, x, y, eps, step, steps, restarts, gen)
     except torch.cuda.OutOfMemoryError:
         if len(y) == 1:
             raise
         if x.is_cuda:
             torch.cuda.empty_cache()
         half = len(y) // 2
-        a = _evaluate_batch(model, x[:half], y[:half], eps, alpha, steps, restarts, gen)
-        b = _evaluate_batch(model, x[half:], y[half:], eps, alpha, steps, restarts, gen)
-        return a[0] + b[0], a[1] + b[1]
+        a = _evaluate_batch(model, x[:half], y[:half], eps, step, steps, restarts, gen)
+        b = _evaluate_batch(model, x[half:], y[half:], eps, step, steps, restarts, gen)
+        return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])

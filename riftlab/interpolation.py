@@ -12,6 +12,7 @@ import torch.nn as nn
 from ._loop import SweepProgress
 from ._util import progress as _progress
 from .evaluation import evaluate
+from .stats import paired_difference
 
 __all__ = ["interpolate", "interpolation_curve", "select_alpha", "DEFAULT_ALPHAS"]
 
@@ -58,23 +59,38 @@ def interpolation_curve(
     """Clean and PGD robust accuracy of theta(alpha) for every alpha, on ``batches``.
 
     ``model`` supplies the architecture; its weights are restored afterwards. Every alpha is
-    attacked with the same random starts (same ``seed``), so differences along the curve are not
-    attack noise. Returns a DataFrame with columns ``alpha``, ``clean_acc``, ``robust_acc``.
+    attacked with the same per-image random starts (same ``seed``), so differences along the curve
+    are differences of the weights, not attack noise. Returns a DataFrame with columns ``alpha``,
+    ``clean_acc``, ``robust_acc`` (percent) and, when ``alphas`` include 0, each alpha's change
+    against alpha = 0 on the same images with its exact paired 95% interval
+    (:func:`riftlab.stats.paired_difference`): ``clean_change``, ``clean_change_low``,
+    ``clean_change_high``, ``robust_change``, ``robust_change_low``, ``robust_change_high`` (points),
+    so the noise the selection rule works against is visible.
     With ``checkpoint_path`` the rows are saved after each alpha and an existing file resumes.
     """
     sweep = SweepProgress(checkpoint_path, {"alphas": list(alphas), "eps": eps, "step": step, "steps": attack_steps,
-                                            "restarts": restarts, "seed": seed})
-    rows = list(sweep.load().get("rows", []))
+                                            "restarts": restarts, "seed": seed, "per_image": True})
+    saved = sweep.load()
+    rows, masks = list(saved.get("rows", [])), list(saved.get("masks", []))
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
         for alpha in _progress(list(alphas)[len(rows):], progress, desc="interpolation", initial=len(rows), total=len(alphas)):
             model.load_state_dict(interpolate(theta_at, theta_ft, float(alpha)))
-            result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed)
+            result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed, per_image=True)
             rows.append({"alpha": float(alpha), "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"]})
-            sweep.save({"rows": rows})
+            masks.append({"clean": result["clean_correct"], "robust": result["robust_correct"]})
+            sweep.save({"rows": rows, "masks": masks})
     finally:
         model.load_state_dict(original)
-    return pd.DataFrame(rows)
+    curve = pd.DataFrame(rows)
+    if 0.0 in [float(a) for a in alphas]:
+        base = masks[[float(a) for a in alphas].index(0.0)]
+        for kind in ("clean", "robust"):
+            diffs = [paired_difference(base[kind], m[kind]) for m in masks]
+            curve[f"{kind}_change"] = [d["diff"] for d in diffs]
+            curve[f"{kind}_change_low"] = [d["ci_low"] for d in diffs]
+            curve[f"{kind}_change_high"] = [d["ci_high"] for d in diffs]
+    return curve
 
 
 def select_alpha(curve: pd.DataFrame, threshold: float = 0.1) -> dict[str, float]:
@@ -82,7 +98,10 @@ def select_alpha(curve: pd.DataFrame, threshold: float = 0.1) -> dict[str, float
     accuracy is at most ``threshold`` points below alpha = 0's.
 
     Use it on a *validation* curve. Returns the chosen row with ``clean_gain`` and ``robust_change``
-    (points, relative to alpha = 0); alpha = 0 when no alpha gains clean accuracy within the rule.
+    (points, relative to alpha = 0), and their paired 95% intervals ``clean_ci`` / ``robust_ci``
+    when the curve has them (:func:`interpolation_curve`'s change columns); alpha = 0 when no
+    alpha gains clean accuracy within the rule. The rule looks at point estimates only, as the
+    paper's does: a gain whose interval includes 0 is still chosen, and the interval says so.
     """
     if threshold < 0:
         raise ValueError(f"threshold must be non-negative, got {threshold}")
@@ -94,6 +113,10 @@ def select_alpha(curve: pd.DataFrame, threshold: float = 0.1) -> dict[str, float
     best = ok.loc[ok["clean_acc"].idxmax()]
     if float(best["clean_acc"]) <= base_clean:
         best = base.iloc[0]
-    return {"alpha": float(best["alpha"]), "clean_acc": float(best["clean_acc"]), "robust_acc": float(best["robust_acc"]),
-            "clean_gain": float(best["clean_acc"]) - base_clean, "robust_change": float(best["robust_acc"]) - base_robust,
-            "threshold": threshold}
+    choice = {"alpha": float(best["alpha"]), "clean_acc": float(best["clean_acc"]), "robust_acc": float(best["robust_acc"]),
+              "clean_gain": float(best["clean_acc"]) - base_clean, "robust_change": float(best["robust_acc"]) - base_robust,
+              "threshold": threshold}
+    for kind in ("clean", "robust"):  # the chosen point's paired interval against alpha = 0, where the curve has it
+        if f"{kind}_change_low" in curve:
+            choice[f"{kind}_ci"] = [float(best[f"{kind}_change_low"]), float(best[f"{kind}_change_high"])]
+    return choice

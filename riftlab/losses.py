@@ -83,7 +83,7 @@ def trades_attack(
     model: nn.Module,
     x: torch.Tensor,
     eps: float,
-    alpha: float,
+    step: float,
     steps: int,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
@@ -95,15 +95,15 @@ def trades_attack(
         model: maps images in [0, 1], (N, C, H, W), to logits (N, K).
         x: clean images in [0, 1], (N, C, H, W).
         eps: l_inf radius in pixel units (8/255 for CIFAR).
-        alpha: step size in pixel units (2/255 for CIFAR).
+        step: step size in pixel units (2/255 for CIFAR).
         steps: number of sign-gradient steps.
         generator: random source for the start point.
 
     Returns:
         Adversarial images, detached, within eps of x and in [0, 1].
     """
-    if eps < 0 or alpha < 0 or steps < 0:
-        raise ValueError(f"eps, alpha and steps must be non-negative (got eps={eps}, alpha={alpha}, steps={steps})")
+    if eps < 0 or step < 0 or steps < 0:
+        raise ValueError(f"eps, step and steps must be non-negative (got eps={eps}, step={step}, steps={steps})")
     x = x.detach()
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_adv = torch.min(torch.max(x + 0.001 * noise, x - eps), x + eps).clamp_(0, 1)
@@ -118,7 +118,7 @@ def trades_attack(
                 loss = F.kl_div(log_p_adv, log_p_clean, reduction="sum", log_target=True)
             (grad,) = torch.autograd.grad(loss, x_adv)
             with torch.no_grad():
-                x_adv = x_adv.detach() + alpha * grad.sign()
+                x_adv = x_adv.detach() + step * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
     return x_adv.detach()
 

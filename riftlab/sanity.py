@@ -82,7 +82,7 @@ def warning_lines(checks: Sequence[CheckResult | Mapping[str, Any]]) -> list[str
     return lines
 
 
-def _robust_mask(model: nn.Module, data: Sequence[Batch], eps: float, alpha: float, steps: int, restarts: int,
+def _robust_mask(model: nn.Module, data: Sequence[Batch], eps: float, step: float, steps: int, restarts: int,
                  seed: int) -> torch.Tensor:
     """Per example: correct on the clean image and under every one of ``restarts`` PGD attacks.
 
@@ -92,7 +92,7 @@ def _robust_mask(model: nn.Module, data: Sequence[Batch], eps: float, alpha: flo
     masks = []
     for i, (x, y) in enumerate(data):
         gen = torch.Generator(device=x.device).manual_seed(seed * 1_000_003 + i)
-        masks.append(_robust_correct(model, x, y, eps, alpha, steps, restarts, gen)[1])
+        masks.append(_robust_correct(model, x, y, eps, step, steps, restarts, gen)[1])
     return torch.cat(masks)
 
 

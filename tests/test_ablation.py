@@ -57,8 +57,8 @@ def test_finetuning_a_list_changes_exactly_those_weights(setup):
 
 def test_every_variant_fine_tunes_the_right_modules_and_follows_the_rule(setup, table):
     frame, out = table
-    assert list(frame.columns) == ["variant", "modules", "n_modules", "alpha", "val_clean_acc", "val_robust_acc",
-                                   "test_clean_acc", "test_robust_acc"]
+    assert list(frame.columns)[:9] == ["variant", "modules", "n_modules", "params", "alpha", "val_clean_acc", "val_robust_acc",
+                                       "test_clean_acc", "test_robust_acc"]
     assert list(frame["variant"]) == list(VARIANTS)
     rows = frame.set_index("variant")
     ranked = setup["mrc"].sort_values("mrc")["module"].tolist()
@@ -69,6 +69,24 @@ def test_every_variant_fine_tunes_the_right_modules_and_follows_the_rule(setup, 
     assert rows.loc["most", "modules"] == ranked[-1]
     assert rows.loc["least", "modules"] == rows.loc["no-interp", "modules"] == ranked[0]
     assert rows.loc["topk", "modules"] == "+".join(ranked[:3])
+    modules = dict(weight_modules(setup["model"]))
+    threes = [
+        n for n in ranked if isinstance(modules[n], torch.nn.Conv2d) and modules[n].kernel_size == (3, 3)]
+    assert rows.loc["least3x3", "modules"] == threes[0] and rows.loc["least3x3", "params"] == modules[threes[0]].weight.numel()
+    assert rows.loc["all", "params"] == sum(m.weight.numel() for m in modules.values())
+
+    # Every change is measured against the AT row on the same images, with an interval around it.
+    for split in ("val", "test"):
+        for kind in ("clean", "robust"):
+            change = frame[f"{split}_{kind}_acc"] - rows.loc["at", f"{split}_{kind}_acc"]
+            assert (frame[f"{split}_{kind}_change"] - change).abs().max() < 1e-9
+            assert ((frame[f"{split}_{kind}_ci_low"] <= frame[f"{split}_{kind}_change"] + 1e-12)
+                    & (frame[f"{split}_{kind}_change"] <= frame[f"{split}_{kind}_ci_high"] + 1e-12)).all()
+            n = len(setup["val"].labels) if split == "val" else len(setup["test"].labels)
+            net = 100.0 * (frame[f"{split}_{kind}_gained"] - frame[f"{split}_{kind}_lost"]) / n
+            assert (net - frame[f"{split}_{kind}_change"]).abs().max() < 1e-9
+            assert rows.loc["at", [f"{split}_{kind}_change", f"{split}_{kind}_ci_low", f"{split}_{kind}_ci_high",
+                                   f"{split}_{kind}_gained", f"{split}_{kind}_lost"]].tolist() == [0, 0, 0, 0, 0]
 
     at_val = (rows.loc["at", "val_clean_acc"], rows.loc["at", "val_robust_acc"])
     direct = evaluate(setup["model"], setup["val"], CFG.eps, CFG.step, CFG.eval_steps, CFG.val_restarts, seed=CFG.seed)
@@ -124,7 +142,7 @@ def test_interrupted_ablation_resumes_to_the_same_table(setup, table, tmp_path):
 
 def test_bad_variants_and_k_are_clear_errors(setup):
     args = (setup["model"], setup["mrc"], setup["train"], setup["val"], setup["test"], CFG)
-    with pytest.raises(ValueError, match=r"unknown ablation variant 'first'; choices: at, all, last, most, topk, least, no-interp"):
+    with pytest.raises(ValueError, match=r"unknown ablation variant 'first'; choices: at, all, last, most, topk, least, least3x3, no-interp"):
         ablate(*args, variants=["least", "first"])
     with pytest.raises(ValueError, match="k must be between 1 and the number of modules in the MRC table \\(21\\), got 0"):
         ablate(*args, variants=["topk"], k=0)

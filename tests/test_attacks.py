@@ -34,7 +34,7 @@ def test_pgd_increases_loss_and_more_steps_never_weaken(standard_model, tiny_spl
 
 def test_eps_zero_gives_clean_accuracy(standard_model, tiny_splits):
     data = Batches(tiny_splits.test, 250)
-    result = evaluate(standard_model, data, eps=0.0, alpha=STEP, steps=10)
+    result = evaluate(standard_model, data, eps=0.0, step=STEP, steps=10)
     assert result["robust_acc"] == result["clean_acc"]
 
 
@@ -87,7 +87,7 @@ def test_each_image_meets_the_same_random_starts_whatever_came_before(standard_m
     x, y = tiny_splits.val.images.float()[:128] / 255, tiny_splits.val.labels[:128]
     first, second = (x[:64], y[:64]), (x[64:], y[64:])
     wrong = (first[0], (first[1] + 1) % 10)
-    kw = dict(eps=0.3, alpha=0.0, steps=0, seed=3)
+    kw = dict(eps=0.3, step=0.0, steps=0, seed=3)
 
     def robust_count(batches):
         result = evaluate(standard_model, batches, **kw)

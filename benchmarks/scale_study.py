@@ -1,0 +1,466 @@
+"""The scale study: where does RiFT's gain come from, and does it hold on the test split?
+
+On real Fashion-MNIST (the dataset available offline), RiFT is run as the ``riftlab`` command runs
+it, for ResNet-18s of several widths and two training-set sizes, and every AT+RiFT vs AT
+difference on the 10000 test images is reported with its exact paired 95% interval (same images,
+same per-image PGD starts; ``riftlab.stats``). Variants are labelled: BatchNorm statistics updated
+during fine-tuning (the reference code), other fine-tuning learning rates, and the least critical
+module among the 3x3 convolutions (a departure from the paper's definition, which ranks every
+module). The configuration chosen as the headline (by the rule in :func:`headline`, fixed before
+any result was seen) is then repeated for seeds 1 and 2, with the paper's Table 3 variants and
+standard AutoAttack on the first 1000 test images beside PGD-10.
+
+    python benchmarks/scale_study.py run --jobs 2          # every job, two at a time, one thread each; resumable
+    python benchmarks/scale_study.py status                # what is done, running, waiting
+    python benchmarks/scale_study.py summarize             # results/scale_study/study.json and the book's checkpoints
+
+Every job is one ``riftlab`` command (``rift``, ``ablate`` or ``compare``) with ``--resume``; its
+log is ``<root>/logs/<job>.log`` and its record (command, start, end, wall time, exit code) is in
+``<root>/jobs.json``. Kill the runner at any time and start it again: finished jobs are skipped and
+an interrupted one continues from its last saved epoch, module, alpha or batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+THRESHOLD = 0.1  # the selection rule's allowed robust drop, in points (the paper's)
+
+# (width, training images) of the trend grid, smallest first; each with seed 0.
+GRID = [(8, 10000), (16, 10000), (32, 10000), (8, 55000), (16, 55000)]
+BIG = [(32, 55000)]  # --big: the largest row (several CPU hours)
+HEADLINE_SEEDS = (1, 2)
+
+# Fine-tuning variants, each an `riftlab ablate` folder next to the run: (folder, ablate variants, extra options).
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "variants": ("least3x3", []),  # the paper's settings, on the least critical 3x3 convolution
+    "bn": ("least,least3x3", ["--update-bn-stats"]),
+    "lr0.01": ("least,least3x3", ["--lr", "0.01"]),
+}
+TABLE3 = "at,least,most,last,all,no-interp"
+
+
+def fine_tune_epochs(train: int) -> int:
+    """Epochs that give about the paper's number of fine-tuning steps (10 epochs of 50000 images at batch 128: 3910)."""
+    return max(1, round(3910 * 128 / train))
+
+
+def run_name(width: int, train: int, seed: int) -> str:
+    return f"w{width}-n{train // 1000}k-s{seed}"
+
+
+def config_args(width: int, train: int, seed: int) -> list[str]:
+    """The options every command of one run shares: the study profile, the width, the data and the seed."""
+    return ["--profile", "study", "--width", str(width), "--train-subset", str(train), "--seed", str(seed), "--device", "cpu",
+            "--no-progress"]
+
+
+@dataclass
+class Job:
+    name: str
+    args: list[str]  # after `python -m riftlab`
+    done_file: Path
+    deps: list[str] = field(default_factory=list)
+
+
+def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = True) -> list[Job]:
+    """The rift run of one configuration and, with ``variants``, its labelled fine-tuning variants."""
+    name = run_name(width, train, seed)
+    run = root / name
+    common = config_args(width, train, seed)
+    epochs = str(fine_tune_epochs(train))
+    out = [Job(name, ["rift", *common, "--ft-epochs", epochs, "--out", str(run), "--resume"], run / "results.json")]
+    if variants:
+        for folder, (which, extra) in VARIANTS.items():
+            out.append(Job(f"{name}:{folder}", ["ablate", *common, "--epochs", epochs, *extra, "--out", str(run), "--name", folder,
+                                                "--variants", which, "--resume"], run / f"{folder}.csv", [name]))
+    return out
+
+
+def phase1(root: Path, big: bool) -> tuple[list[Job], list[Job]]:
+    """The seed-0 grid: (core, extra). Core: every configuration's RiFT run and the variants of the
+    10000-image configurations (what :func:`headline` reads); extra: the variants of the larger data."""
+    grid = GRID + (BIG if big else [])
+    small = [(w, n) for w, n in grid if n == min(n for _, n in grid)]
+    order = sorted(small, key=lambda wn: {16: 0, 32: 1}.get(wn[0], 2))  # the middle width first, then the widest, then the rest
+    rifts = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in order + [wn for wn in grid if wn not in small]]
+    small_variants = [j for w, n in [wn for wn in grid if wn in small] for j in jobs_for(root, w, n, 0)[1:]]
+    extra = [j for w, n in grid if (w, n) not in small for j in jobs_for(root, w, n, 0)[1:]]
+    return rifts[:len(order)] + small_variants + rifts[len(order):], extra
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _variant_rows(run: Path) -> list[dict[str, Any]]:
+    """Every finished ablation row of a run, labelled with its folder (the fine-tuning setting)."""
+    import csv
+
+    rows = []
+    for folder in [*VARIANTS, "table3"]:
+        path = run / f"{folder}.csv"
+        if path.is_file():
+            with open(path) as fh:
+                for row in csv.DictReader(fh):
+                    rows.append({"setting": folder, **{k: _number(v) for k, v in row.items()}})
+    return rows
+
+
+def _number(text: str) -> Any:
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return int(value) if value.is_integer() and "." not in text else value
+
+
+def candidates(root: Path, big: bool) -> list[dict[str, Any]]:
+    """Seed-0 results in the grid's order (smallest first): RiFT as defined, then each labelled variant."""
+    out = []
+    for width, train in GRID + (BIG if big else []):
+        run = root / run_name(width, train, 0)
+        results = _read(run / "results.json")
+        if results is None:
+            continue
+        diff = results["test"]["difference"]
+        out.append({"width": width, "train": train, "setting": "rift", "variant": "least",
+                    "clean": diff["clean"], "robust": diff["robust"]})
+        for row in _variant_rows(run):
+            if row["variant"] in ("at", "no-interp") or row["setting"] == "table3":
+                continue
+            out.append({"width": width, "train": train, "setting": row["setting"], "variant": row["variant"],
+                        "clean": {"diff": row["test_clean_change"], "ci_low": row["test_clean_ci_low"], "ci_high": row["test_clean_ci_high"]},
+                        "robust": {"diff": row["test_robust_change"], "ci_low": row["test_robust_ci_low"], "ci_high": row["test_robust_ci_high"]}})
+    return out
+
+
+def wins(c: dict[str, Any]) -> bool:
+    """The study's criterion: a test clean gain whose 95% interval excludes 0, robust change within the threshold."""
+    return c["clean"]["ci_low"] > 0 and c["robust"]["diff"] >= -THRESHOLD - 1e-9
+
+
+def headline(root: Path, big: bool) -> dict[str, Any] | None:
+    """The configuration to repeat with more seeds, fixed before seeing any result:
+
+    1. the smallest configuration (width, then training images) where RiFT as defined (the paper's
+       settings) wins on test (:func:`wins`);
+    2. else the smallest 10000-image configuration where a labelled variant wins;
+    3. else the largest configuration of the grid, with RiFT as defined (the study then reports the trend).
+
+    None until phase 1's core jobs (:func:`phase1`) are done.
+    """
+    core, _ = phase1(root, big)
+    if not all(job.done_file.is_file() for job in core):
+        return None
+    grid = GRID + (BIG if big else [])
+    found = sorted(candidates(root, big), key=lambda c: (c["train"], c["width"]))
+    for pick in ([c for c in found if c["setting"] == "rift" and wins(c)], [c for c in found if wins(c)]):
+        if pick:
+            return {**pick[0], "rule": "smallest winning configuration" + ("" if pick[0]["setting"] == "rift" else " (a labelled variant)")}
+    width, train = max(grid, key=lambda wn: (wn[1], wn[0]))
+    last = [c for c in found if c["width"] == width and c["train"] == train and c["setting"] == "rift"][0]
+    return {**last, "rule": "no configuration wins: the largest one, for the trend"}
+
+
+def phase2(root: Path, pick: dict[str, Any]) -> list[Job]:
+    """Seeds 1 and 2 of the headline (with its setting), Table 3 and AutoAttack on seed 0."""
+    width, train = pick["width"], pick["train"]
+    base = run_name(width, train, 0)
+    run0 = root / base
+    common = config_args(width, train, 0)
+    epochs = str(fine_tune_epochs(train))
+    jobs = [Job(f"{base}:table3", ["ablate", *common, "--epochs", epochs, "--out", str(run0), "--name", "table3", "--variants", TABLE3,
+                                   "--resume"],
+                run0 / "table3.csv", [base]),
+            Job(f"{base}:autoattack", ["compare", *common, "--out", str(run0), "--a", str(run0 / "at.pt"), "--b", str(run0 / "rift.pt"),
+                                       "--autoattack", "1000"], run0 / "compare-at-rift-test.json", [base])]
+    for seed in HEADLINE_SEEDS:
+        rift, *_ = jobs_for(root, width, train, seed, variants=False)
+        jobs.append(rift)
+        if pick["setting"] != "rift":
+            which, extra = VARIANTS[pick["setting"]]
+            name = run_name(width, train, seed)
+            jobs.append(Job(f"{name}:{pick['setting']}", ["ablate", *config_args(width, train, seed), "--epochs", epochs, *extra,
+                                                           "--out", str(root / name),
+                                                           "--name", pick["setting"], "--variants", which, "--resume"],
+                            root / name / f"{pick['setting']}.csv", [name]))
+    return jobs
+
+
+# ----------------------------------------------------------------------------------------------
+# The runner
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "logs").mkdir(exist_ok=True)
+    ledger_path = root / "jobs.json"
+    ledger: dict[str, Any] = _read(ledger_path) or {}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
+    failed: set[str] = set()
+    while True:
+        core, extra = phase1(root, big)
+        jobs = core if phase in ("1", "all") else []
+        pick = headline(root, big) if phase in ("2", "all") else None
+        if pick is not None:
+            if ledger.get("_headline") != pick:
+                ledger["_headline"] = pick
+                _write_json(ledger_path, ledger)
+            jobs += phase2(root, pick)
+        if phase in ("1", "all"):
+            jobs += extra  # the larger data's variants last: the headline's seeds come first
+        done = {j.name for j in jobs if j.done_file.is_file()}
+        for name, (proc, job, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            wall = time.time() - started
+            ledger[name] = {"command": ["riftlab", *job.args], "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                            "wall_s": round(wall, 1), "returncode": proc.returncode,
+                            "wall_s_total": round(ledger.get(name, {}).get("wall_s_total", 0.0) + wall, 1)}
+            _write_json(ledger_path, ledger)
+            print(f"{time.strftime('%H:%M:%S')} {name}: exit {proc.returncode} after {wall / 60:.1f} min", flush=True)
+            if proc.returncode != 0:
+                failed.add(name)
+            del running[name]
+        waiting = [j for j in jobs if j.name not in done and j.name not in running and j.name not in failed]
+        ready = [j for j in waiting if all(d in done for d in j.deps)]
+        while ready and len(running) < parallel:
+            job = ready.pop(0)
+            log = open(root / "logs" / f"{job.name.replace(':', '_')}.log", "a")
+            log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} riftlab {' '.join(job.args)}\n")
+            log.flush()
+            proc = subprocess.Popen([sys.executable, "-m", "riftlab", *job.args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[job.name] = (proc, job, time.time())
+            print(f"{time.strftime('%H:%M:%S')} {job.name}: started", flush=True)
+        if not running:
+            blocked = [j.name for j in waiting]
+            if failed:
+                print(f"failed: {', '.join(sorted(failed))} (see {root / 'logs'}); not started: {', '.join(blocked) or 'none'}")
+                return 1
+            if blocked:
+                print(f"cannot start {', '.join(blocked)}: their inputs are missing")
+                return 1
+            if phase in ("2", "all") and pick is None:
+                print("phase 1 is unfinished: the headline cannot be chosen yet")
+                return 1
+            print("all jobs done")
+            return 0
+        time.sleep(5)
+
+
+def status(root: Path, big: bool) -> None:
+    ledger = _read(root / "jobs.json") or {}
+    core, extra = phase1(root, big)
+    jobs = core
+    pick = headline(root, big)
+    if pick is not None:
+        jobs += phase2(root, pick)
+        print(f"headline: w{pick['width']} n{pick['train']} ({pick['setting']} / {pick['variant']}): {pick['rule']}")
+    for job in jobs:
+        state = "done" if job.done_file.is_file() else ("started" if job.name in ledger else "waiting")
+        wall = ledger.get(job.name, {}).get("wall_s_total")
+        print(f"{job.name:28s} {state:8s} {'' if wall is None else f'{wall / 60:6.1f} min'}")
+    for job in extra:
+        print(f"{job.name:28s} {'done' if job.done_file.is_file() else 'waiting':8s} (extra)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary the book reads
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = "unknown"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str, Any]) -> dict[str, Any] | None:
+    import csv
+
+    name = run_name(width, train, seed)
+    run = root / name
+    results = _read(run / "results.json")
+    if results is None:
+        return None
+    with open(run / "mrc.csv") as fh:
+        mrc = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    with open(run / "interpolation.csv") as fh:
+        curve = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    least = mrc[0]
+    convs3 = None
+    for row in _variant_rows(run):
+        if row["variant"] == "least3x3":
+            convs3 = row["modules"]
+    jobs = {k: v for k, v in ledger.items() if k == name or k.startswith(name + ":")}
+    return {"name": name, "width": width, "train": train, "seed": seed, "module": results["module"], "alpha": results["alpha"],
+            "finetune_best_epoch": results["finetune_best_epoch"], "finetune_relative_change": results["finetune_relative_change"],
+            "validation": results["validation"], "test": results["test"],
+            "mrc": {"least": least["module"], "least_mrc": least["mrc"], "least_params": least["params"],
+                    "most": mrc[-1]["module"], "most_mrc": mrc[-1]["mrc"], "spread": mrc[-1]["mrc"] / max(least["mrc"], 1e-12),
+                    "least3x3": convs3, "table": mrc},
+            "curve": curve, "variants": _variant_rows(run), "seconds": results["seconds"],
+            "commands": {k: v["command"] for k, v in jobs.items()}, "wall_s": {k: v.get("wall_s_total") for k, v in jobs.items()}}
+
+
+def summarize(root: Path, out: Path, big: bool, tie_images: int) -> None:
+    from riftlab.stats import over_seeds
+
+    ledger = _read(root / "jobs.json") or {}
+    runs = [s for w, n in GRID + (BIG if big else []) if (s := _run_summary(root, w, n, 0, ledger)) is not None]
+    pick = headline(root, big)
+    summary: dict[str, Any] = {
+        "what": "RiFT on real Fashion-MNIST: AT vs AT+RiFT on the 10000 test images, paired 95% intervals",
+        "provenance": {"script": "benchmarks/scale_study.py", "commit": _git("rev-parse", "HEAD"),
+                       "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")), "machine": _machine(),
+                       "threads_per_job": ledger.get("_threads"), "summarized": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "threshold": THRESHOLD, "interval": "exact conditional 95% (Clopper-Pearson on the discordant images, McNemar)"},
+        "trend": runs, "headline": None}
+    if pick is not None:
+        width, train = pick["width"], pick["train"]
+        seeds = [s for seed in (0, *HEADLINE_SEEDS) if (s := _run_summary(root, width, train, seed, ledger)) is not None]
+        block: dict[str, Any] = {"pick": pick, "runs": seeds}
+        if len(seeds) == 1 + len(HEADLINE_SEEDS):
+            diffs = _headline_diffs(seeds, pick)
+            block["over_seeds"] = {kind: over_seeds([d[kind]["diff"] for d in diffs], [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
+            block["pooled"] = {kind: _pooled(root, width, train, pick, kind) for kind in ("clean", "robust")}
+        compare = _read(root / run_name(width, train, 0) / "compare-at-rift-test.json")
+        if compare is not None:
+            block["autoattack"] = compare.get("autoattack")
+            block["pgd_same_run"] = {"clean": compare["clean"], "robust": compare["robust"]}
+        summary["headline"] = block
+        _copy_checkpoints(root / run_name(width, train, 0), out / "checkpoints", run_name(width, train, 0), tie_images, summary)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "study.json", summary)
+    print(f"wrote {out / 'study.json'}")
+
+
+def _headline_diffs(seeds: list[dict[str, Any]], pick: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per seed, the headline's test differences (RiFT as defined, or the chosen variant's row)."""
+    out = []
+    for s in seeds:
+        if pick["setting"] == "rift":
+            out.append(s["test"]["difference"])
+            continue
+        row = [r for r in s["variants"] if r["setting"] == pick["setting"] and r["variant"] == pick["variant"]][0]
+        out.append({k: {"diff": row[f"test_{k}_change"]} for k in ("clean", "robust")})
+    return out
+
+
+def _pooled(root: Path, width: int, train: int, pick: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    """The seeds' images pooled (N x seeds pairs), for RiFT as defined (the runs' saved per-image results)."""
+    import torch
+
+    from riftlab.checkpoint import read_checkpoint
+    from riftlab.stats import paired_difference
+
+    if pick["setting"] != "rift":
+        return None
+    at, rift = [], []
+    for seed in (0, *HEADLINE_SEEDS):
+        saved = read_checkpoint(root / run_name(width, train, seed) / "test_correct.pt")
+        at.append(saved["at"][kind])
+        rift.append(saved["rift"][kind])
+    return paired_difference(torch.cat(at), torch.cat(rift))
+
+
+def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary: dict[str, Any]) -> None:
+    """The headline's AT and fine-tuned weights as fp16 state dicts, with their numbers on the first test images.
+
+    The numbers are measured here on the fp16 weights (so the test that re-evaluates the committed
+    files compares like with like); the study's reported numbers are those of the full-precision run.
+    """
+    import torch
+
+    from riftlab import Batches, ImageSet, build_model, compare, load_dataset
+    from riftlab.checkpoint import read_checkpoint, save_checkpoint
+    from riftlab.interpolation import interpolate
+
+    results = _read(run / "results.json")
+    cfg = results["config"]
+    dest.mkdir(parents=True, exist_ok=True)
+    states = {}
+    for tag in ("at", "ft"):
+        saved = read_checkpoint(run / f"{tag}.pt")
+        state = {k: (v.half() if v.is_floating_point() else v) for k, v in saved["model_state"].items()}
+        save_checkpoint(dest / f"{name}-{tag}.pt", {"model_state": state, "meta": saved["meta"]})
+        states[tag] = {k: (v.float() if v.is_floating_point() else v) for k, v in state.items()}
+    splits = load_dataset(cfg["dataset"], val_size=cfg["val_size"], train_subset=cfg["train_subset"])
+    info = splits.info
+
+    def model(state):
+        net = build_model(cfg["model"], info.num_classes, info.channels, info.image_size, cfg["width"], info.mean, info.std)
+        net.load_state_dict(state)
+        return net.eval()
+
+    first = ImageSet(splits.test.images[:tie_images], splits.test.labels[:tie_images])
+    torch.set_num_threads(1)
+    result = compare(model(states["at"]), model(interpolate(states["at"], states["ft"], results["alpha"])), Batches(first, 256),
+                     cfg["eps"], cfg["step"], cfg["eval_steps"], 1, seed=12345)
+    summary["checkpoints"] = {"files": {"at": f"checkpoints/{name}-at.pt", "ft": f"checkpoints/{name}-ft.pt"}, "alpha": results["alpha"],
+                              "module": results["module"], "config": {k: cfg[k] for k in ("dataset", "model", "width", "val_size", "train_subset",
+                                                                                          "eps", "step", "eval_steps")},
+                              "tie_check": {"images": tie_images, "restarts": 1, "seed": 12345, "batch": 256,
+                                            "at": {k: result["a"][k] for k in ("clean_acc", "robust_acc")},
+                                            "rift": {k: result["b"][k] for k in ("clean_acc", "robust_acc")}}}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("action", choices=["run", "status", "summarize"])
+    parser.add_argument("--root", type=Path, default=REPO / "runs" / "scale_study", help="where the runs live (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "scale_study", help="summarize: where study.json goes")
+    parser.add_argument("--jobs", type=int, default=2, help="run: jobs side by side (default 2)")
+    parser.add_argument("--threads", type=int, default=1, help="run: torch threads per job (default 1)")
+    parser.add_argument("--phase", choices=["1", "2", "all"], default="all", help="run: the seed-0 grid, the headline's seeds, or both")
+    parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
+    parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
+    args = parser.parse_args()
+    if args.action == "run":
+        ledger = _read(args.root / "jobs.json") or {}
+        if ledger.get("_threads", args.threads) != args.threads:
+            raise SystemExit(f"{args.root} was run with {ledger['_threads']} threads per job; CPU results depend on it: "
+                             f"pass --threads {ledger['_threads']} or use another --root")
+        args.root.mkdir(parents=True, exist_ok=True)
+        _write_json(args.root / "jobs.json", {**ledger, "_threads": args.threads})
+        return run(args.root, args.jobs, args.threads, args.big, args.phase)
+    if args.action == "status":
+        status(args.root, args.big)
+        return 0
+    summarize(args.root, args.out, args.big, args.tie_images)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
