@@ -236,7 +236,8 @@ def ablate(
         at_test = reference("test")
         row = {"variant": variant, "modules": "+".join(names), "n_modules": len(names),
                "params": sum(trained[n].weight.numel() for n in names), "alpha": float(alpha),
-               "val_clean_acc": 100.0 * float(val_masks["clean"].float().mean()), "val_robust_acc": 100.0 * float(val_masks["robust"].float().mean()),
+               "val_clean_acc": 100.0 * int(val_masks["clean"].sum()) / len(val_masks["clean"]),
+               "val_robust_acc": 100.0 * int(val_masks["robust"].sum()) / len(val_masks["robust"]),
                "test_clean_acc": float(test_acc["clean_acc"]), "test_robust_acc": float(test_acc["robust_acc"])}
         for split, ours, theirs in (("val", val_masks, at_val), ("test", {k: test_acc[f"{k}_correct"] for k in ("clean", "robust")}, at_test)):
             for kind in ("clean", "robust"):
