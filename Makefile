@@ -5,7 +5,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: install data test test-fast test-notebooks demo notebooks book check-pages clean
+.PHONY: install data test test-fast test-notebooks demo notebooks book html mathjax check-pages clean
+
+# The notebooks' stored outputs are compared digit for digit (nbval), and CPU kernels round differently with
+# the instruction set they pick (AVX-512 or AVX2, on Intel or AMD): pin the common one (AVX2) for every run
+# that writes or checks them, so that a machine of another x86 kind computes the same numbers.
+PINS := $(if $(filter x86_64,$(shell uname -m)),ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_CBWR=AVX2,)
+
+# MathJax, vendored from the npm registry (one self-contained file), so that formulas render in a book opened offline.
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_static/mathjax/tex-svg.js
 
 # The committed, executed notebooks that `make test` re-runs with nbval: every notebook except the
 # papermill template (its executed copies, notebooks/rift_*.ipynb, are checked instead).
@@ -43,7 +52,7 @@ test: $(STAMP) data
 	$(MAKE) --no-print-directory test-notebooks
 
 test-notebooks: $(STAMP) data
-	$(PY) -m pytest -q $(NBVAL) $(EXECUTED)
+	$(PINS) $(PY) -m pytest -q $(NBVAL) $(EXECUTED)
 
 test-fast: $(STAMP) data
 	$(PY) -m pytest -q -m "not slow"
@@ -55,10 +64,21 @@ demo: $(STAMP)
 # shape, then the results page; the first failure stops here, naming the notebook and the cell), then
 # build the HTML with execution off and warnings as errors. Output: _build/html.
 notebooks: $(STAMP) data
-	$(PY) book/run_notebooks.py
+	$(PINS) $(PY) book/run_notebooks.py
 
-book: notebooks
+book: notebooks html
+
+# The HTML from the notebooks as they are (execution off: a minute), with MathJax vendored.
+html: $(STAMP) $(MATHJAX)
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going --path-output .
+
+mathjax: $(MATHJAX)
+
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "vendoring MathJax needs npm (apt-get install npm)"; exit 1; }
+	@mkdir -p $(dir $(MATHJAX))
+	@tmp=$$(mktemp -d) && (cd $$tmp && npm pack --silent mathjax@$(MATHJAX_VERSION) >/dev/null && tar xzf mathjax-$(MATHJAX_VERSION).tgz package/es5/tex-svg.js) \
+	  && cp $$tmp/package/es5/tex-svg.js $(MATHJAX) && rm -rf $$tmp && echo "vendored MathJax $(MATHJAX_VERSION) into $(MATHJAX)"
 
 # Screenshots and checks of the built pages in headless Chromium (installs chromium and selenium if
 # missing). Screenshots land in _build/screenshots.
@@ -72,4 +92,4 @@ check-pages: $(STAMP)
 	$(PY) book/check_pages.py _build/html --screenshots _build/screenshots
 
 clean:
-	rm -rf _build runs .pytest_cache artifacts
+	rm -rf _build runs .pytest_cache artifacts book/_static/mathjax

@@ -22,7 +22,7 @@ import torch
 from riftlab import PROFILES, RiftConfig, run_rift
 from riftlab.checkpoint import load_checkpoint
 from riftlab.data import Batches
-from riftlab.pipeline import build_for, prepare
+from riftlab.engine.pipeline import build_for, prepare
 
 
 def _override(text: str) -> tuple[str, object]:

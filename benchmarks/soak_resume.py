@@ -1,14 +1,21 @@
-"""Soak test: kill an adversarial-training run with SIGKILL at random moments, resume it each
-time, and check that it ends with the same weights as an uninterrupted run.
+"""Soak test: kill a whole `riftlab rift` run with SIGKILL once inside every stage (adversarial training,
+MRC, fine-tuning, the interpolation curve, the test evaluation), resume it each time, and check that
+it ends bit-identical to an uninterrupted run: the same weights in at.pt, ft.pt and rift.pt, the same
+mrc.csv, interpolation.csv, test.json and per-image results.
 
-    python benchmarks/soak_resume.py --kills 5 --epochs 8
+    python benchmarks/soak_resume.py            # one kill per stage (5), a few minutes on a 2-core CPU
+    python benchmarks/soak_resume.py --seed 3   # other kill moments
 
-Prints one line per kill and a final verdict; exits non-zero if the weights differ.
+Each kill waits until the stage has saved some progress (its file under progress/), then a random
+0-1 s more, so the resumed stage really continues from partial work. Prints one line per kill and
+a verdict; exits non-zero if anything differs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import random
 import signal
 import subprocess
@@ -21,63 +28,90 @@ import torch
 
 from riftlab.checkpoint import read_checkpoint
 
+STAGES = ("at", "mrc", "finetune", "interpolate", "test")
+ARGS = ["rift", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "900,300", "--val-size", "300", "--width", "4",
+        "--train-subset", "600", "--val-subset", "256", "--test-subset", "256", "--batch-size", "50", "--eval-batch-size", "64",
+        "--at-epochs", "5", "--at-attack-steps", "2", "--mrc-examples", "256", "--mrc-passes", "2", "--ft-epochs", "4", "--ft-lr", "0.01",
+        "--eval-steps", "3", "--eval-restarts", "2", "--device", "cpu", "--seed", "1", "--no-progress"]
 
-def command(out: Path, epochs: int, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "riftlab", "train-at", "--dataset", "synthetic-cifar10", "--width", "4",
-            "--train-subset", "1500", "--val-subset", "200", "--test-subset", "100", "--epochs", str(epochs),
-            "--attack-steps", "2", "--batch-size", "64", "--device", "cpu", "--seed", "1", "--no-progress", "--out", str(out)] + (
-        ["--resume"] if resume else [])
+
+def command(out: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "riftlab", *ARGS, "--out", str(out)] + (["--resume"] if resume else [])
+
+
+def _running_stage(out: Path) -> str | None:
+    """The stage the lock file says is running and that has saved some progress, if any."""
+    try:
+        stages = json.loads((out / "riftlab.lock").read_text())["stages"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for name, record in stages.items():
+        if record.get("status") == "started" and any((out / "progress").glob(f"{name}*")):
+            return name
+    return None
+
+
+def _same_outputs(a: Path, b: Path) -> list[str]:
+    differ = []
+    for name in ("at.pt", "ft.pt", "rift.pt"):
+        sa, sb = read_checkpoint(a / name)["model_state"], read_checkpoint(b / name)["model_state"]
+        if set(sa) != set(sb) or not all(torch.equal(sa[k], sb[k]) for k in sa):
+            differ.append(name)
+    for name in ("mrc.csv", "interpolation.csv", "finetune.csv", "at_history.csv", "alpha.json", "test.json"):
+        if (a / name).read_text() != (b / name).read_text():
+            differ.append(name)
+    ta, tb = read_checkpoint(a / "test_correct.pt"), read_checkpoint(b / "test_correct.pt")
+    if not all(torch.equal(ta[m][k], tb[m][k]) for m in ta for k in ta[m]):
+        differ.append("test_correct.pt")
+    return differ
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the run (at least kills + 2, so each kill lands mid-run)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill times")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random kill moments")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     work = Path(tempfile.mkdtemp(prefix="riftlab-soak-"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     t0 = time.time()
-    subprocess.run(command(work / "clean", args.epochs, False), check=True, capture_output=True)
-    clean_seconds = time.time() - t0
-    print(f"uninterrupted run: {clean_seconds:.1f} s")
-    out = work / "killed"
-    last = out / "at" / "last.pt"
-    epoch_seconds = clean_seconds / args.epochs  # an upper bound: it includes start-up
-    kills = 0
-
-    def epochs_done() -> int:
-        try:
-            return read_checkpoint(last)["epoch"] + 1 if last.is_file() else 0
-        except Exception:  # caught mid-rename: not there yet
-            return 0
-
+    reference = subprocess.Popen(command(work / "uninterrupted", False), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    victim_dir = work / "killed"
+    killed: list[str] = []
+    resume = False
     while True:
-        proc = subprocess.Popen(command(out, args.epochs, resume=kills > 0), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        # kill once this run has finished at least one more epoch (so every resume makes progress),
-        # at a random moment inside the epoch after it, until the planned number of kills is reached
-        if kills < args.kills and epochs_done() < args.epochs - 1:
-            start = epochs_done()
-            while proc.poll() is None and epochs_done() <= start:
-                time.sleep(0.05)
-            if proc.poll() is None:
-                delay = rng.uniform(0.05, 0.95) * epoch_seconds
-                time.sleep(delay)
+        proc = subprocess.Popen(command(victim_dir, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        target = next((s for s in STAGES if s not in killed), None)
+        while proc.poll() is None:
+            stage = _running_stage(victim_dir)
+            if target is not None and stage == target:
+                time.sleep(rng.uniform(0.0, 1.0))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     proc.wait()
-                    kills += 1
-                    print(f"kill {kills}: SIGKILL {delay:.1f} s into epoch {epochs_done() + 1}; {epochs_done()} epoch(s) saved")
-                    continue
-        if proc.wait() != 0:
-            print(proc.stderr.read().decode(), file=sys.stderr)
+                    killed.append(target)
+                    print(f"{time.time() - t0:7.1f} s  killed inside stage {target}", flush=True)
+                break
+            time.sleep(0.05)
+        if proc.returncode == 0:
+            break
+        if proc.returncode != -signal.SIGKILL:
+            print(f"the run failed (exit {proc.returncode}):\n{proc.stderr.read()}")
             return 1
-        break
-    a = read_checkpoint(work / "clean" / "at.pt")["model_state"]
-    b = read_checkpoint(out / "at.pt")["model_state"]
-    same = all(torch.equal(a[k], b[k]) for k in a)
-    print(f"{kills} kills; final weights {'bit-identical to' if same else 'DIFFERENT from'} the uninterrupted run")
-    return 0 if same else 1
+        resume = True
+    if reference.wait() != 0:
+        print(f"the uninterrupted run failed:\n{reference.stderr.read()}")
+        return 1
+    differ = _same_outputs(work / "uninterrupted", victim_dir)
+    missed = [s for s in STAGES if s not in killed]
+    print(f"{len(killed)} kills ({', '.join(killed)}); {time.time() - t0:.0f} s in all; runs in {work}")
+    if missed:
+        print(f"note: stages finished before a kill could land in them: {', '.join(missed)}")
+    if differ:
+        print(f"DIFFERENT from the uninterrupted run: {', '.join(differ)}")
+        return 1
+    print("bit-identical to the uninterrupted run: at.pt, ft.pt, rift.pt, mrc.csv, interpolation.csv, finetune.csv, at_history.csv, "
+          "alpha.json, test.json, test_correct.pt")
+    return 0 if not missed else 2
 
 
 if __name__ == "__main__":

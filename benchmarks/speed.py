@@ -46,17 +46,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision import transforms
 
 import riftlab
-from riftlab._util import resolve_device, seed_everything
+from riftlab._util import seed_everything
 from riftlab.attacks import pgd
 from riftlab.checkpoint import load_checkpoint
-from riftlab.compute import PRECISIONS, set_precision, to_device, use_precision, uses_bf16
-from riftlab.criticality import adversarial_set, module_robust_criticality
+from riftlab.compute import PRECISIONS, precision_name, resolve_device, set_precision, to_device, use_precision
 from riftlab.data import Batches, ImageSet, load_dataset
 from riftlab.evaluation import evaluate
-from riftlab.finetune import finetune_module
-from riftlab.interpolation import DEFAULT_ALPHAS, interpolation_curve, select_alpha
 from riftlab.models import build_model, weight_modules
-from riftlab.training import adversarial_train
+from riftlab.steps.criticality import adversarial_set, module_robust_criticality
+from riftlab.steps.finetune import finetune_module
+from riftlab.steps.interpolation import DEFAULT_ALPHAS, interpolation_curve, select_alpha
+from riftlab.steps.training import adversarial_train
 
 EPS, STEP = 8 / 255, 2 / 255
 PARTS = ("at", "mrc", "eval", "pipeline")
@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     name = device_name(device)
     set_precision(args.precision)
-    riftlab_dtype = "bfloat16 autocast" if uses_bf16(device) else "float32"
+    low = precision_name(device)  # bf16, fp16 or fp32
+    riftlab_dtype = {"bf16": "bfloat16 autocast", "fp16": "float16 autocast"}.get(low, "float32")
     splits = load_dataset("synthetic-cifar10", synthetic_sizes=(args.train + args.val, args.test), val_size=args.val, split_seed=args.seed)
     info = splits.info
     mrc_data = splits.train.subset(args.mrc_examples, seed=args.seed)
@@ -458,11 +459,11 @@ def main(argv: list[str] | None = None) -> int:
         record("eval_clean_acc", "eval clean accuracy (%)", "%", r_result["clean_acc"], b_result["clean_acc"] if b_result else None)
         record("eval_robust_acc", "eval robust accuracy (%)", "%", r_result["robust_acc"], b_result["robust_acc"] if b_result else None)
         metrics["eval_clean_acc"]["ratio"] = metrics["eval_robust_acc"]["ratio"] = None  # sanity checks, not speed
-        if uses_bf16(device):  # the same model, images and random starts in fp32: how much does bf16 move the numbers?
+        if low != "fp32":  # the same model, images and random starts in fp32: how much does 16-bit arithmetic move the numbers?
             with use_precision("fp32"):
                 fp32_result = evaluate(source, test_batches, EPS, STEP, args.steps, restarts=1, seed=args.seed)
             for key, label in (("clean_acc", "clean"), ("robust_acc", "robust")):
-                record(f"bf16_minus_fp32_{key}", f"bf16 - fp32 {label} accuracy (points)", "points", r_result[key] - fp32_result[key], None)
+                record(f"{low}_minus_fp32_{key}", f"{low} - fp32 {label} accuracy (points)", "points", r_result[key] - fp32_result[key], None)
         notes.append(f"riftlab's evaluate attacks only the clean-correct images ({r_result['clean_acc']:.1f}% here); the baseline "
                      "attacks all of them, as the reference does: the eval speed-up depends on the model's clean accuracy; "
                      "the 'every image attacked' row runs riftlab's pgd on all images for a like-for-like comparison")

@@ -1,4 +1,4 @@
-"""Open every page of the built book in headless Chromium, screenshot it and check it.
+r"""Open every page of the built book in headless Chromium, screenshot it and check it.
 
     python book/check_pages.py _build/html --screenshots _build/screenshots
 
@@ -12,12 +12,14 @@ A page fails on:
   ``#fragment``, if any, an element id (or name) in that file;
 * on a notebook page (one built from an ``.ipynb``), a missing Colab launch button: a link to
   ``https://colab.research.google.com/github/<owner>/<repo>/blob/<branch>/<path>.ipynb`` built from
-  ``_config.yml``'s ``repository`` (url, branch, path_to_book).
+  ``_config.yml``'s ``repository`` (url, branch, path_to_book);
+* raw TeX: once MathJax has typeset the page, text outside code that still reads like TeX
+  (``$$``, ``\(``, ``\theta``, ``\mathrm``...), or MathJax loaded from anywhere but the book itself
+  (the book vendors it, so that formulas render with no network: ``make mathjax``).
 
 The pages are served by a local HTTP server (as a reader would get them). Chromium and its driver
 are Debian's ``chromium`` and ``chromium-driver``; selenium drives them (nothing is downloaded).
-The sandbox has no internet, so external assets (MathJax from its CDN) do not load: formulas show
-as TeX source in the screenshots, which is not checked. Exit status 1 when any page fails.
+Exit status 1 when any page fails.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--disable-dev-shm-usage", "--hide-scrollbars")
 SKIP_PAGES = {"genindex.html", "search.html", "index.html"}  # index.html is a redirect to the intro
+RAW_TEX = re.compile(r"\$\$|\\[(\[]|\\(?:mathrm|mathcal|theta|alpha|epsilon|ell|max|min|frac|lVert|rVert|Delta|infty|le|ge|cdot)\b")
 ERROR_PATTERNS = [
     re.compile(r"Traceback \(most recent call last\)"),
     re.compile(r"\b[A-Z]\w*(Error|Exception): "),
@@ -98,7 +101,7 @@ def pages_of(html_root: Path) -> list[Path]:
             continue
         pages.append(rel)
     # the intro first, then the reading order is alphabetical within folders (book/, notebooks/)
-    return sorted(pages, key=lambda p: (p.as_posix() != "book/intro.html", p.as_posix()))
+    return sorted(pages, key=lambda p: (p.as_posix() != "notebooks/00_intro.html", p.as_posix()))
 
 
 def source_of(html_root: Path, rel: Path) -> str | None:
@@ -174,8 +177,17 @@ const links = Array.from(document.querySelectorAll('a[href]')).map(a => a.getAtt
     .concat(Array.from(document.querySelectorAll('img[src]')).map(i => i.getAttribute('src')));
 const sphinxErrors = Array.from(document.querySelectorAll('.system-message, .problematic')).map(e => e.innerText.slice(0, 200));
 const colab = Array.from(document.querySelectorAll('a[href^="https://colab.research.google.com"]')).map(a => a.getAttribute('href'));
+function proseText() {
+    // what a reader reads as prose: code, outputs' text blocks and typeset formulas left out
+    const main = document.querySelector('article') || document.querySelector('main') || document.body;
+    const clone = main.cloneNode(true);
+    clone.querySelectorAll('script, style, noscript, template, pre, code, mjx-container, .cell_input').forEach(e => e.remove());
+    return clone.textContent;
+}
+const mathjax = Array.from(document.querySelectorAll('script[src]')).map(s => s.src).filter(s => /mathjax|tex-(svg|chtml)/i.test(s));
 return {broken: broken, links: links, sphinxErrors: sphinxErrors, colab: colab, images: document.images.length,
-        text: articleText() + "\\n" + document.body.innerText, height: document.documentElement.scrollHeight, title: document.title};
+        text: articleText() + "\\n" + document.body.innerText, prose: proseText(), mathjax: mathjax,
+        formulas: document.querySelectorAll('mjx-container').length, height: document.documentElement.scrollHeight, title: document.title};
 """
 
 
@@ -190,8 +202,16 @@ def check_page(driver, html_root: Path, base_url: str, rel: Path, repo: dict[str
     while time.time() < deadline and not driver.execute_script(
             "return Array.from(document.images).every(i => i.complete)"):
         time.sleep(0.2)
+    driver.set_script_timeout(30)
+    driver.execute_async_script("""const done = arguments[arguments.length - 1];
+        const p = window.MathJax && window.MathJax.startup && window.MathJax.startup.promise;
+        if (p) { p.then(() => done(true)).catch(() => done(false)); } else { done(false); }""")
     state = driver.execute_script(_JS_STATE)
     problems = [f"missing figure: <img src={src!r}> did not load" for src in state["broken"]]
+    for match in RAW_TEX.finditer(state["prose"]):
+        start = max(0, match.start() - 40)
+        problems.append(f"raw TeX (not typeset): ...{state['prose'][start:match.end() + 40]!r}...")
+    problems += [f"MathJax loaded from outside the book: {src}" for src in state["mathjax"] if not src.startswith(base_url)]
     for pattern in ERROR_PATTERNS:
         for match in pattern.finditer(state["text"]):
             start = max(0, match.start() - 60)
@@ -211,7 +231,7 @@ def check_page(driver, html_root: Path, base_url: str, rel: Path, repo: dict[str
         driver.save_screenshot(str(shot))
         driver.set_window_size(width, 1000)
     return {"page": rel.as_posix(), "title": state["title"], "notebook": source, "images": state["images"],
-            "colab": state["colab"][:1], "screenshot": str(shot) if shot else None, "problems": problems,
+            "colab": state["colab"][:1], "formulas": state["formulas"], "screenshot": str(shot) if shot else None, "problems": problems,
             "ok": not problems}
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .compute import autocast
+from .compute import autocast, input_gradients_only, loss_scale
 from .distributed import unwrap
 
 __all__ = ["pgd", "eval_mode"]
@@ -42,8 +42,10 @@ def pgd(
     BatchNorm runs in eval mode during the attack (its statistics are not updated by adversarial
     batches, and each example is attacked independently of its batch mates). Only the gradient
     with respect to the input is computed: weights get no ``.grad``, and the backward pass skips
-    the weight-gradient kernels. Forward and backward run under :func:`riftlab.compute.autocast`
-    (bf16 on CUDA by default); the step and the projection are fp32.
+    the weight-gradient kernels (a compiled model's weights are frozen for the attack, see
+    :func:`riftlab.compute.input_gradients_only`). Forward and backward run under
+    :func:`riftlab.compute.autocast` (bf16 or fp16 on CUDA by default); the step and the
+    projection are fp32.
 
     Args:
         model: maps images in [0, 1], shaped (N, C, H, W), to logits (N, K).
@@ -79,12 +81,13 @@ def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Ten
     if eps == 0 or steps == 0:
         return x_adv
     model = unwrap(model)  # a DDP wrapper would prepare a gradient all-reduce that never comes
-    with eval_mode(model):
+    scale = loss_scale(x.device)  # fp16: keep small input gradients from underflowing (the sign is unchanged)
+    with eval_mode(model), input_gradients_only(model):
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with autocast(x.device):
                 loss = F.cross_entropy(model(x_adv).float(), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x_adv)
             with torch.no_grad():
                 x_adv = x_adv.detach() + step * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)

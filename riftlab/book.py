@@ -25,7 +25,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -35,20 +34,22 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._util import resolve_device, seed_everything
-from .checkpoint import read_checkpoint, save_checkpoint
-from .compute import to_device
-from .criticality import adversarial_set, module_robust_criticality
+from ._util import seed_everything
+from .checkpoint import read_checkpoint
+from .compute import resolve_device, to_device
+from .steps.criticality import adversarial_set, module_robust_criticality
 from .data import Batches, DataSplits
-from .evaluation import accuracy, evaluate
-from .finetune import finetune_module
-from .interpolation import interpolate, interpolation_curve, select_alpha
+from .evaluation.robust import accuracy, evaluate
+from .steps.finetune import finetune_module
+from .steps.interpolation import interpolate
 from .models import weight_modules
-from .pipeline import PROFILES, RiftConfig, build_for, prepare
-from .training import adversarial_train
+from .engine.pipeline import PROFILES, RiftConfig, build_for, choose_alpha, prepare
+from .engine.runner import RunDir, Stage, StageContext, fingerprint, plain, state_digest
+from .resume import MemoryState
+from .steps.training import adversarial_train
 
 __all__ = [
-    "setup", "glue", "artifact_dir", "artifact_path", "load_or_compute", "round_floats", "chapter_config", "config_summary",
+    "setup", "on_colab", "run_root", "environment", "glue", "artifact_dir", "artifact_path", "load_or_compute", "round_floats", "chapter_config", "config_summary",
     "load_data", "loaders", "state_hash", "trained_models", "evaluation", "mrc_table", "finetuned", "rift", "class_names",
     "ALL_LAYERS", "plot_attacks", "code_version",
 ]
@@ -62,8 +63,37 @@ _CLASS_NAMES = {
 }
 
 
-def setup(seed: int = 0, device: str = "auto", threads: int | None = 1) -> torch.device:
+def on_colab() -> bool:
+    """Whether this runs in a Google Colab notebook."""
+    import sys
+
+    return "google.colab" in sys.modules
+
+
+def run_root(path: str | os.PathLike | None = None) -> Path | None:
+    """Where run directories and the artifacts cache go: ``path`` when given; on Colab with Google Drive
+    mounted (``/content/drive/MyDrive``), ``MyDrive/riftlab``, so that a disconnected session resumes from
+    what it saved; else None (the repository's ``artifacts/`` and ``runs/``)."""
+    if path is not None:
+        return Path(path)
+    drive = Path("/content/drive/MyDrive")
+    if on_colab() and drive.is_dir():
+        return drive / "riftlab"
+    return None
+
+
+def environment() -> str:
+    """One line on where this runs (Colab or not, the GPU if any): the first cell prints it on Colab."""
+    where = "Colab" if on_colab() else "local"
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU (Runtime > Change runtime type > T4 GPU)"
+    return f"riftlab {__version__}, torch {torch.__version__}, {where}, {gpu}"
+
+
+def setup(seed: int = 0, device: str = "auto", threads: int | None = 1, root: str | os.PathLike | None = None) -> torch.device:
     """Seed every generator, ask for deterministic algorithms and return the device to use.
+
+    ``root`` (see :func:`run_root`) puts the artifacts cache there (``<root>/artifacts``): on
+    Colab, Google Drive when it is mounted.
 
     On CPU the thread count is fixed (default 1) so that results do not depend on the machine's
     core count (parallel reductions add in another order with another thread count); one thread
@@ -72,6 +102,9 @@ def setup(seed: int = 0, device: str = "auto", threads: int | None = 1) -> torch
     deterministic mode.
     """
     seed_everything(seed)
+    folder = run_root(root)
+    if folder is not None:
+        os.environ["RIFTLAB_ARTIFACTS"] = str(folder / "artifacts")
     dev = resolve_device(device)
     if dev.type == "cpu" and threads:
         torch.set_num_threads(threads)
@@ -141,23 +174,26 @@ def artifact_dir() -> Path:
 
 
 def artifact_path(name: str, params: dict[str, Any]) -> Path:
-    """A file name for ``name`` computed with ``params``: different parameters never share a file."""
-    key = hashlib.sha1(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return artifact_dir() / f"{name}-{key}.pt"
+    """The file that holds ``name`` computed with ``params``: different parameters never share a file."""
+    return artifact_dir() / f"{name}-{fingerprint(params)[:12]}.pt"
 
 
 def load_or_compute(name: str, params: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Return the saved result of ``compute()`` for these ``params``, computing and saving it if absent.
 
-    ``compute`` returns a dict of tensors, numbers, strings and lists/dicts of them (what
-    ``torch.load(weights_only=True)`` accepts). Files are written atomically.
+    One stage of the artifacts folder, kept by riftlab's run engine (:mod:`riftlab.engine.runner`)
+    like any run directory: named by the fingerprint of ``params``, recorded in its ``riftlab.lock``,
+    written atomically. ``compute`` returns a dict of tensors, numbers, strings and lists/dicts of
+    them (what ``torch.load(weights_only=True)`` accepts).
     """
     path = artifact_path(name, params)
-    if path.is_file():
-        return read_checkpoint(path)["result"]
-    result = compute()
-    save_checkpoint(path, {"result": result, "params": {k: str(v) for k, v in params.items()}})
-    return result
+
+    def stage(ctx: StageContext) -> dict[str, Any]:
+        ctx.save_checkpoint(path.name, {"result": compute(), "params": plain(params)})
+        return {}
+
+    RunDir(path.parent, resume=True).run(Stage(path.stem, params, stage, outputs=(path.name,)))
+    return read_checkpoint(path)["result"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,8 +204,9 @@ def code_version() -> str:
     training loop, attack or default) are never reused: editing riftlab invalidates the cache.
     """
     h = hashlib.sha1(__version__.encode())
-    for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
-        h.update(path.name.encode())
+    package = Path(__file__).resolve().parent
+    for path in sorted(package.rglob("*.py")):
+        h.update(str(path.relative_to(package)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 
@@ -178,15 +215,9 @@ def state_hash(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> str:
     """A short hash of a model's weights and buffers (names, dtypes, shapes and bytes).
 
     Two models hash alike exactly when their state dicts are bit-identical, so results computed
-    from a model can be cached under its hash.
+    from a model can be cached under its hash (:func:`riftlab.engine.runner.state_digest`).
     """
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    h = hashlib.sha1()
-    for name in sorted(state):
-        t = state[name].detach().to("cpu").contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return state_digest(model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,30 +310,36 @@ def _records(frame: pd.DataFrame) -> dict[str, list[Any]]:
 
 def _train_history_with_train_accuracy(cfg: RiftConfig, model: nn.Module, batches: dict[str, Batches],
                                        train_eval: Batches, milestones: list[int]) -> tuple[list[dict[str, float]], int]:
-    """Adversarial training one epoch at a time (riftlab's resume), measuring each epoch's model on
-    a fixed subset of the training data as well, so that train and validation curves can be drawn.
+    """Adversarial training one epoch at a time (the resume protocol, in memory), measuring each epoch's
+    model on a fixed subset of the training data as well, so that train and validation curves can be drawn.
 
-    Resuming from ``last.pt`` gives exactly the run an uninterrupted ``adversarial_train`` would."""
+    Continuing from the saved progress gives exactly the run an uninterrupted ``adversarial_train`` would."""
     history: list[dict[str, float]] = []
     result = None
     probe = copy.deepcopy(model)
-    with tempfile.TemporaryDirectory(prefix="riftlab-at-") as tmp:
-        for epoch in range(1, cfg.at_epochs + 1):
-            result = adversarial_train(model, batches["train"], batches["val"], epochs=epoch, lr=cfg.at_lr, milestones=milestones,
-                                       eps=cfg.eps, step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps,
-                                       eval_steps=cfg.eval_steps, seed=cfg.seed, out_dir=tmp, resume=True)
-            probe.load_state_dict(read_checkpoint(Path(tmp) / "last.pt")["model_state"])  # this epoch's weights, not the best so far
-            train_acc = evaluate(probe, train_eval, cfg.eps, cfg.step, cfg.eval_steps, 1, seed=cfg.seed)
-            record = dict(result.history[-1])
-            record["train_attack_acc"] = record.pop("train_robust_acc")
-            record["train_clean_acc"], record["train_robust_acc"] = train_acc["clean_acc"], train_acc["robust_acc"]
-            history.append(record)
+    progress = MemoryState()
+    for epoch in range(1, cfg.at_epochs + 1):
+        result = adversarial_train(model, batches["train"], batches["val"], epochs=epoch, lr=cfg.at_lr, milestones=milestones,
+                                   eps=cfg.eps, step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps,
+                                   eval_steps=cfg.eval_steps, seed=cfg.seed, state=progress)
+        probe.load_state_dict(progress.load()["model_state"])  # this epoch's weights, not the best so far
+        train_acc = evaluate(probe, train_eval, cfg.eps, cfg.step, cfg.eval_steps, 1, seed=cfg.seed)
+        record = dict(result.history[-1])
+        record["train_attack_acc"] = record.pop("train_robust_acc")
+        record["train_clean_acc"], record["train_robust_acc"] = train_acc["clean_acc"], train_acc["robust_acc"]
+        history.append(record)
     assert result is not None
     return history, result.best_epoch
 
 
-def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | str, train_eval_size: int = 300) -> dict[str, Any]:
+def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | str, train_eval_size: int = 300,
+                   at_checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """The AT model and a standard-trained model of the same architecture, with their histories.
+
+    The AT model is trained here, unless ``at_checkpoint`` (a file: riftlab's, the reference code's
+    or a bare state dict) or ``cfg.robustbench`` (a RobustBench model, read from ``cfg.model_dir``)
+    gives a published one: then it is loaded, its history is empty and its best epoch 0, and only the
+    standard model of the same architecture is trained (what a Colab session starts from).
 
     AT is ``adversarial_train`` with ``cfg``'s recipe (PGD-``at_attack_steps`` examples); the
     standard model gets the same schedule on clean images (``attack_steps=0``). Each keeps its
@@ -319,18 +356,28 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
         ``{"at": model, "standard": model, "at_history": DataFrame, "standard_history": DataFrame,
         "at_best_epoch": int, "standard_best_epoch": int}``; models in eval mode on ``device``.
     """
-    params = {**_data_key(cfg), "model": cfg.model, "width": cfg.width, "seed": cfg.seed, "batch_size": cfg.batch_size,
-              "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_milestones": cfg.at_schedule(), "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step,
-              "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "train_eval_size": train_eval_size,
+    from .engine.runner import file_digest
+
+    published = at_checkpoint is not None or cfg.robustbench is not None
+    source = ({"at_checkpoint": file_digest(at_checkpoint)} if at_checkpoint is not None
+              else {"robustbench": cfg.robustbench, "threat_model": cfg.threat_model} if cfg.robustbench is not None else
+              {"at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_milestones": cfg.at_schedule(), "at_attack_steps": cfg.at_attack_steps,
+               "at_attack_step": cfg.at_attack_step, "train_eval_size": train_eval_size})
+    params = {**_data_key(cfg), "model": cfg.model, "width": cfg.width, "seed": cfg.seed, "batch_size": cfg.batch_size, **source,
+              "standard_epochs": cfg.at_epochs, "standard_lr": cfg.at_lr, "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps,
               "device": _device_type(device), "code": code_version()}
 
     def compute() -> dict[str, Any]:
         batches = loaders(cfg, splits, device)
         milestones = cfg.at_schedule()
-        train_eval = Batches(splits.train.subset(train_eval_size, seed=cfg.seed + 7), cfg.eval_batch_size, device=device)
         seed_everything(cfg.seed)
         at = to_device(build_for(cfg, splits), device)
-        at_history, at_best = _train_history_with_train_accuracy(cfg, at, batches, train_eval, milestones)
+        if published:
+            _load_published(cfg, at, at_checkpoint)
+            at_history, at_best = [], 0
+        else:
+            train_eval = Batches(splits.train.subset(train_eval_size, seed=cfg.seed + 7), cfg.eval_batch_size, device=device)
+            at_history, at_best = _train_history_with_train_accuracy(cfg, at, batches, train_eval, milestones)
         seed_everything(cfg.seed)
         standard = to_device(build_for(cfg, splits), device)
         std = adversarial_train(standard, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=milestones,
@@ -347,6 +394,19 @@ def trained_models(cfg: RiftConfig, splits: DataSplits, device: torch.device | s
         out[f"{key}_history"] = _frame(saved[f"{key}_history"])
         out[f"{key}_best_epoch"] = int(saved[f"{key}_best_epoch"])
     return out
+
+
+def _load_published(cfg: RiftConfig, model: nn.Module, at_checkpoint: str | os.PathLike | None) -> None:
+    """Load the AT weights a Colab session starts from into ``model``: a checkpoint file, or RobustBench's model."""
+    from .checkpoint import load_checkpoint
+
+    if at_checkpoint is not None:
+        load_checkpoint(model, at_checkpoint, map_location=next(model.parameters()).device)
+        return
+    from .zoo import load_robustbench_model, robustbench_dataset
+
+    published = load_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model, cfg.model_dir)
+    model.load_state_dict(published.state_dict())
 
 
 def _cpu_state(model: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -413,7 +473,8 @@ def finetuned(cfg: RiftConfig, model: nn.Module, module: str, splits: DataSplits
     Returns:
         ``{"module", "model" (fine-tuned, eval mode), "history" (DataFrame: epoch, lr, train_loss,
         val_clean_acc), "best_epoch", "trained_params", "curve" (DataFrame: alpha, clean_acc,
-        robust_acc on validation), "choice" (select_alpha's dict)}``.
+        robust_acc on validation, and each alpha's change against alpha 0 with its paired 95%
+        interval), "choice" (select_alpha's dict)}``.
     """
     names = [n for n, _ in weight_modules(model)]
     if module != ALL_LAYERS and module not in names:
@@ -440,17 +501,11 @@ def finetuned(cfg: RiftConfig, model: nn.Module, module: str, splits: DataSplits
             tuned, history, best_epoch = ft.model, ft.history, ft.best_epoch
             trained = dict(weight_modules(model))[module].weight.numel()
         theta_at = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        # alpha = 0 is the AT model itself: its row is the (cached) validation evaluation, shared by every choice,
-        # and equal to what interpolation_curve would compute for it (same batches, same attack seed).
-        base = evaluation(cfg, model, "val", splits, device, restarts=cfg.val_restarts)
-        curve = pd.DataFrame([{"alpha": 0.0, "clean_acc": base["clean_acc"], "robust_acc": base["robust_acc"]}])
-        others = [a for a in cfg.alphas if a != 0.0]
-        if others:
-            rest = interpolation_curve(model, theta_at, tuned.state_dict(), batches["val"], cfg.eps, cfg.step, cfg.eval_steps,
-                                       cfg.val_restarts, others, seed=cfg.seed)
-            curve = pd.concat([curve, rest], ignore_index=True).sort_values("alpha", kind="stable").reset_index(drop=True)
+        # The pipeline's own validation curve: alpha = 0 (the AT model) included, so every point's change against it
+        # comes with its paired interval; the alpha-0 row equals the cached validation evaluation (same images, seed).
+        curve, choice, _ = choose_alpha(cfg, model, theta_at, tuned.state_dict(), batches["val"])
         return {"state": _cpu_state(tuned), "history": [dict(r) for r in history], "best_epoch": int(best_epoch), "trained_params": int(trained),
-                "curve": _records(curve), "choice": select_alpha(curve, cfg.threshold)}
+                "curve": _records(curve), "choice": choice}
 
     saved = load_or_compute("finetuned", params, compute)
     tuned = copy.deepcopy(model)
@@ -459,7 +514,7 @@ def finetuned(cfg: RiftConfig, model: nn.Module, module: str, splits: DataSplits
             "trained_params": saved["trained_params"], "curve": _frame(saved["curve"]), "choice": dict(saved["choice"])}
 
 
-def rift(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> dict[str, Any]:
+def rift(cfg: RiftConfig, splits: DataSplits, device: torch.device | str, at_checkpoint: str | os.PathLike | None = None) -> dict[str, Any]:
     """The whole of RiFT from the cached steps: AT model, MRC, fine-tuned module, chosen alpha.
 
     The module is ``cfg.ft_module`` or the least robust-critical one; alpha is chosen on
@@ -467,7 +522,7 @@ def rift(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> dic
     ``finetuned`` (:func:`finetuned`'s dict), ``alpha``, ``choice`` and ``rift`` (the interpolated
     model, eval mode).
     """
-    out = trained_models(cfg, splits, device)
+    out = trained_models(cfg, splits, device, at_checkpoint=at_checkpoint)
     at = out["at"]
     out["mrc"] = mrc_table(cfg, at, splits, device)
     out["module"] = cfg.ft_module or str(out["mrc"]["module"].iloc[0])
@@ -521,3 +576,249 @@ def plot_attacks(x: torch.Tensor, y: torch.Tensor, adversarial: Mapping[str, tor
             show(axes[i, 2 + 2 * j], adversarial[label][i], f"{label} says: {names[pred]}", color="tab:green" if pred == int(y[i]) else "tab:red")
     fig.tight_layout()
     return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# The scale study (benchmarks/scale_study.py): committed results the chapters load
+
+
+def study_results(path: str | os.PathLike | None = None) -> dict[str, Any] | None:
+    """The scale study's committed summary (``results/scale_study/study.json`` at the repository root), or None
+    when it is not there (a notebook opened outside a checkout, e.g. on Colab from a pip install)."""
+    if path is None:
+        root = artifact_dir().parent
+        path = root / "results" / "scale_study" / "study.json"
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return {**json.loads(path.read_text()), "_folder": str(path.parent)}  # where its checkpoints are
+
+
+def _ci(d: Mapping[str, Any]) -> str:
+    return f"{d['diff']:+.2f} [{d['ci_low']:+.2f}, {d['ci_high']:+.2f}]"
+
+
+def _verdict(clean: Mapping[str, Any], robust: Mapping[str, Any], threshold: float) -> str:
+    if clean["ci_low"] > 0 and robust["diff"] >= -threshold - 1e-9:
+        return "gain (interval above 0)"
+    if clean["ci_high"] < 0:
+        return "loss (interval below 0)"
+    return "no detectable change" if clean["ci_low"] <= 0 <= clean["ci_high"] else "gain, but robust drop"
+
+
+def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per configuration of the study (seed 0): RiFT as defined, its test changes with their paired 95% intervals."""
+    threshold = study["provenance"]["threshold"]
+    rows = []
+    for r in study["trend"]:
+        d = r["test"]["difference"]
+        rows.append({"width": r["width"], "training images": r["train"], "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
+                     "MRC spread (most / least)": round(r["mrc"]["spread"], 1), "alpha": r["alpha"],
+                     "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),
+                     "clean change [95% CI]": _ci(d["clean"]), "robust change [95% CI]": _ci(d["robust"]),
+                     "verdict": _verdict(d["clean"], d["robust"], threshold)})
+    return pd.DataFrame(rows)
+
+
+VARIANT_LABELS = {("rift", "least"): "RiFT as defined (least critical module, lr 0.001)",
+                  ("variants", "least3x3"): "least critical 3x3 conv (departs from the paper's definition)",
+                  ("bn", "least"): "BatchNorm statistics updated (the reference code)", ("lr0.003", "least"): "lr 0.003",
+                  ("lr0.01", "least"): "lr 0.01"}
+
+
+def study_variants(study: Mapping[str, Any]) -> pd.DataFrame:
+    """Every labelled fine-tuning variant of every configuration, with its test changes against AT and their intervals."""
+    threshold = study["provenance"]["threshold"]
+    rows = []
+    for r in study["trend"]:
+        entries = [("rift", "least", r["module"], r["mrc"]["least_params"], r["alpha"], r["test"]["difference"]["clean"],
+                    r["test"]["difference"]["robust"])]
+        for v in r["variants"]:
+            if v["setting"] == "table3" or v["variant"] in ("at", "no-interp"):
+                continue
+            entries.append((v["setting"], v["variant"], v["modules"], v["params"], v["alpha"],
+                            {"diff": v["test_clean_change"], "ci_low": v["test_clean_ci_low"], "ci_high": v["test_clean_ci_high"]},
+                            {"diff": v["test_robust_change"], "ci_low": v["test_robust_ci_low"], "ci_high": v["test_robust_ci_high"]}))
+        for setting, variant, module, params, alpha, clean, robust in entries:
+            rows.append({"width": r["width"], "training images": r["train"],
+                         "fine-tuning": VARIANT_LABELS.get((setting, variant), f"{setting} / {variant}"),
+                         "module (weights)": f"{module} ({params})", "alpha": alpha, "clean change [95% CI]": _ci(clean),
+                         "robust change [95% CI]": _ci(robust), "verdict": _verdict(clean, robust, threshold)})
+    return pd.DataFrame(rows)
+
+
+def study_headline(study: Mapping[str, Any]) -> pd.DataFrame:
+    """AT and AT+RiFT of the headline configuration, per seed: validation and test, with the paired changes."""
+    block = study["headline"]
+    rows = []
+    for r in block["runs"]:
+        for split, label in (("validation", "val"), ("test", "test")):
+            d = r[split]["difference"]
+            rows.append({"seed": r["seed"], "split": label, "AT clean": round(r[split]["at"]["clean_acc"], 2),
+                         "AT+RiFT clean": round(r[split]["rift"]["clean_acc"], 2), "clean change [95% CI]": _ci(d["clean"]),
+                         "AT robust": round(r[split]["at"]["robust_acc"], 2), "AT+RiFT robust": round(r[split]["rift"]["robust_acc"], 2),
+                         "robust change [95% CI]": _ci(d["robust"]), "alpha": r["alpha"], "module": r["module"]})
+    return pd.DataFrame(rows)
+
+
+def study_summary_sentence(study: Mapping[str, Any]) -> str:
+    """The study's answer in plain words, written from its numbers (never a claimed direction they contradict)."""
+    block = study["headline"]
+    pick = block["pick"]
+    width, train = pick["width"], pick["train"]
+    over = block.get("over_seeds")
+    where = f"a ResNet-18 of width {width} adversarially trained on {train} real Fashion-MNIST images"
+    trend = study_trend(study)
+    gains = trend[trend["verdict"].str.startswith("gain (")]
+    if pick["rule"] == "smallest winning configuration":
+        lead = f"RiFT as defined gains clean accuracy on the test split of {where}, with robust accuracy held"
+    elif pick["rule"].startswith("smallest winning configuration"):
+        lead = (f"RiFT as defined does not gain anywhere in the study; a labelled variant ({VARIANT_LABELS.get((pick['setting'], pick['variant']), pick['setting'])}) "
+                f"does, on the test split of {where}")
+    else:
+        lead = (f"In no configuration of the study ({len(trend)} of them, widths {', '.join(str(w) for w in sorted(set(trend['width'])))}) "
+                "did RiFT's test clean gain have a 95% interval above 0 with robust accuracy held")
+    if over is not None:
+        c, r = over["clean"], over["robust"]
+        lead += (f". Over seeds {', '.join(str(s) for s in c['seeds'])} of {where}, AT+RiFT minus AT is "
+                 f"{c['mean']:+.2f} clean points (95% interval over seeds [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]) and "
+                 f"{r['mean']:+.2f} robust points ([{r['ci_low']:+.2f}, {r['ci_high']:+.2f}])")
+    if len(gains) == 0:
+        lead += ". At these sizes the product cannot show RiFT working; the trend table says how the change moves with width and data"
+    return lead + "."
+
+
+def plot_study_trend(study: Mapping[str, Any]):
+    """RiFT's test clean change (with its 95% paired interval) against the width, one line per training-set size;
+    the labelled variants of the middle configuration beside them. Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    by_data: dict[int, list[tuple[int, Mapping[str, Any]]]] = {}
+    for r in study["trend"]:
+        by_data.setdefault(r["train"], []).append((r["width"], r["test"]["difference"]["clean"]))
+    for train, points in sorted(by_data.items()):
+        points.sort()
+        xs = [w for w, _ in points]
+        ys = [d["diff"] for _, d in points]
+        err = [[d["diff"] - d["ci_low"] for _, d in points], [d["ci_high"] - d["diff"] for _, d in points]]
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=f"RiFT as defined, {train} training images")
+    variants = study_variants(study)
+    shown = variants[~variants["fine-tuning"].str.startswith("RiFT as defined")]
+    for i, (_, row) in enumerate(shown.iterrows()):
+        value = float(row["clean change [95% CI]"].split(" ")[0])
+        low, high = (float(v) for v in row["clean change [95% CI]"].split("[")[1].rstrip("]").split(", "))
+        ax.errorbar([row["width"] * (1.04 + 0.03 * i)], [value], yerr=[[value - low], [high - value]], marker="s", ls="none", capsize=3,
+                    alpha=0.7, label=f"{row['fine-tuning']}, width {row['width']}")
+    ax.axhline(0, color="grey", lw=1, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("ResNet-18 width (channels of the first stage)")
+    ax.set_ylabel("test clean change (points)")
+    ax.set_title("AT+RiFT minus AT on 10000 Fashion-MNIST test images, 95% paired intervals")
+    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def plot_study_mrc(study: Mapping[str, Any]):
+    """The headline AT model's MRC, every module, on a log scale (the least critical first). Returns the figure."""
+    import matplotlib.pyplot as plt
+
+    run = study["headline"]["runs"][0]
+    table = pd.DataFrame(run["mrc"]["table"]).sort_values("mrc")
+    fig, ax = plt.subplots(figsize=(7.0, 4.2))
+    ax.barh(table["module"], table["mrc"].clip(lower=1e-4), color=["tab:green"] + ["tab:blue"] * (len(table) - 2) + ["tab:red"])
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("MRC (increase of the adversarial loss, log scale)")
+    ax.set_title(f"MRC of every module: width {run['width']}, {run['train']} images, seed {run['seed']}")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def study_table3(study: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The paper's Table 3 at the headline configuration (seed 0): which weights to fine-tune, each with alpha chosen on
+    validation and its test changes against AT; None when the study has not run it."""
+    run = study["headline"]["runs"][0]
+    rows = [v for v in run["variants"] if v["setting"] == "table3"]
+    if not rows:
+        return None
+    labels = {"at": "AT (no fine-tuning)", "least": "least critical module (RiFT)", "most": "most critical module", "last": "last layer",
+              "all": "all layers", "no-interp": "least critical, no interpolation (alpha 1)"}
+    return pd.DataFrame([{"fine-tuned": labels.get(v["variant"], v["variant"]), "weights": v["params"], "alpha": v["alpha"],
+                          "test clean": round(v["test_clean_acc"], 2), "test robust": round(v["test_robust_acc"], 2),
+                          "clean change [95% CI]": _ci({"diff": v["test_clean_change"], "ci_low": v["test_clean_ci_low"], "ci_high": v["test_clean_ci_high"]}),
+                          "robust change [95% CI]": _ci({"diff": v["test_robust_change"], "ci_low": v["test_robust_ci_low"], "ci_high": v["test_robust_ci_high"]})}
+                         for v in rows])
+
+
+def direction(before: float, after: float, up: str = "rises", down: str = "falls", same: str = "stays level") -> str:
+    """The verb a sentence about ``before`` -> ``after`` must use, from the numbers themselves (rounded as they are shown,
+    to one decimal): prose glues it instead of stating a direction the numbers might contradict."""
+    a, b = round(float(before), 1), round(float(after), 1)
+    return up if b > a else down if b < a else same
+
+
+def study_tie_check(study: Mapping[str, Any], tolerance_images: int = 2) -> pd.DataFrame:
+    """Re-evaluate the study's committed checkpoints (the headline's AT and fine-tuned weights, fp16) on the first test
+    images with the attack stored beside them, and set the result against the stored numbers.
+
+    The stored numbers were measured when the study was summarised, by this code on these files; a
+    CPU of another kind or another thread count can round a few images differently, hence
+    ``tolerance_images``. Returns one row per (model, metric): stored, re-evaluated, the difference in
+    images and whether it is within the tolerance."""
+    from .checkpoint import read_checkpoint
+    from .data import ImageSet, load_dataset
+    from .evaluation.robust import compare
+    from .models import build_model
+
+    ck = study["checkpoints"]
+    tie, cfg = ck["tie_check"], ck["config"]
+    folder = Path(study["_folder"])
+    splits = load_dataset(cfg["dataset"], val_size=cfg["val_size"], train_subset=cfg["train_subset"])
+    info = splits.info
+
+    def model(state: Mapping[str, torch.Tensor]) -> nn.Module:
+        net = build_model(cfg["model"], info.num_classes, info.channels, info.image_size, cfg["width"], info.mean, info.std)
+        net.load_state_dict(state)
+        return net.eval()
+
+    states = {tag: {k: (v.float() if v.is_floating_point() else v) for k, v in read_checkpoint(folder / ck["files"][tag])["model_state"].items()}
+              for tag in ("at", "ft")}
+    first = ImageSet(splits.test.images[:tie["images"]], splits.test.labels[:tie["images"]])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as when the numbers were stored
+    try:
+        result = compare(model(states["at"]), model(interpolate(states["at"], states["ft"], ck["alpha"])), Batches(first, tie["batch"]),
+                         cfg["eps"], cfg["step"], cfg["eval_steps"], tie["restarts"], seed=tie["seed"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for tag, key in (("AT", "a"), ("AT+RiFT", "b")):
+        for metric in ("clean_acc", "robust_acc"):
+            stored, now = tie["at" if key == "a" else "rift"][metric], result[key][metric]
+            images = round(abs(stored - now) * tie["images"] / 100)
+            rows.append({"model": tag, "metric": metric, "stored": stored, "re-evaluated": now, "difference (images)": images,
+                         f"agrees (within {tolerance_images} images)": images <= tolerance_images})
+    return pd.DataFrame(rows)
+
+
+def comparison(cfg: RiftConfig, model_a: nn.Module, model_b: nn.Module, split: str, splits: DataSplits,
+               device: torch.device | str) -> dict[str, Any]:
+    """B against A on ``split`` as the pipeline measures it: the same images and per-image random starts (the split's
+    attack seed, :func:`evaluation`'s restarts), B - A in points with exact paired 95% intervals and the images gained
+    and lost (:func:`riftlab.compare`). Cached under both models' weights."""
+    from .engine.pipeline import compare_split
+
+    if split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+    params = {**_data_key(cfg), "split": split, "a": state_hash(model_a), "b": state_hash(model_b), "eps": cfg.eps, "step": cfg.step,
+              "steps": cfg.eval_steps, "restarts": cfg.eval_restarts if split == "test" else cfg.val_restarts,
+              "batch": cfg.eval_batch_size, "device": _device_type(device), "code": code_version()}
+
+    def compute() -> dict[str, Any]:
+        result = compare_split(cfg, model_a, model_b, Batches(getattr(splits, split), cfg.eval_batch_size, device=device), split)
+        return {"clean": dict(result["clean"]), "robust": dict(result["robust"])}
+
+    return dict(load_or_compute("comparison", params, compute))

@@ -194,6 +194,7 @@ class Batches:
         self.crop_padding, self.seed, self.drop_last = crop_padding, seed, drop_last
         self.epoch = 0
         self.part: tuple[int, int] | None = None  # (rank, world size) of a sharded view
+        self.shard_weight: float | None = None  # set per batch by a sharded view (see __iter__)
 
     def sharded(self, rank: int, world: int) -> "Batches":
         """A view that yields only slice ``rank`` of ``world`` of every batch (same data, same order,
@@ -231,6 +232,9 @@ class Batches:
                 if self.shuffle and len(y) < self.part[1]:
                     continue  # a training batch too small to give every rank an example (DDP needs all ranks)
                 mine = torch.arange(len(y), device=self.device).tensor_split(self.part[1])[self.part[0]]
+                # This slice's weight in the batch mean, relative to an equal share: DDP averages the ranks'
+                # gradients, so weighting each rank's mean loss by it gives the whole batch's mean gradient.
+                self.shard_weight = len(mine) * self.part[1] / len(y)
                 x, y = x[mine], y[mine]
             yield batch_layout(x), y
 

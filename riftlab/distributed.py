@@ -5,14 +5,17 @@ torchrun starts N copies of the command and sets ``RANK``, ``LOCAL_RANK`` and ``
 
 * adversarial training and fine-tuning wrap the model in ``DistributedDataParallel``: every
   global batch is split across the ranks (each rank takes its slice of the same shuffled,
-  augmented batch), gradients are averaged, so the update is that of the whole batch;
+  augmented batch), each rank's loss is weighted by its slice's share and gradients are averaged,
+  so the update is that of the whole batch even when the slices are unequal; on CUDA every
+  BatchNorm is synchronised (SyncBatchNorm), so batch statistics are the whole batch's too;
 * evaluation splits every batch across the ranks and sums the counts;
 * MRC hands the modules out round-robin, one module per rank at a time, and gathers the rows;
 * only rank 0 writes files and prints; the others compute.
 
 With one process every function here is a no-op, and riftlab runs exactly as without torchrun.
-BatchNorm statistics in training mode are per rank (per slice), as usual with DDP; with the
-default frozen BatchNorm of fine-tuning this makes no difference.
+On the CPU (gloo, as in the tests) BatchNorm is not synchronised: PyTorch's SyncBatchNorm needs a
+GPU, so batch statistics in training mode are per rank (per slice) there; with the default frozen
+BatchNorm of fine-tuning this makes no difference.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-__all__ = ["setup", "teardown", "rank", "world_size", "is_main", "barrier", "ddp", "unwrap", "all_reduce_sum", "gather_objects", "shard"]
+from .compute import resolve_device
+
+__all__ = ["setup", "teardown", "rank", "world_size", "is_main", "barrier", "ddp", "for_training", "done_training", "unwrap",
+           "all_reduce_sum", "gather_objects", "shard"]
 
 
 def active() -> bool:
@@ -55,7 +61,6 @@ def setup(device: str | torch.device = "auto") -> torch.device:
     available, ``cpu`` keeps every rank on the CPU (gloo backend, for tests). Without torchrun
     (``WORLD_SIZE`` unset or 1) nothing is initialised and ``device`` is resolved as usual.
     """
-    from ._util import resolve_device
 
     if not launched():
         return resolve_device(device)
@@ -100,8 +105,45 @@ def ddp(model: nn.Module) -> nn.Module:
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def for_training(model: nn.Module, compile: bool = False) -> tuple[nn.Module, nn.Module]:
+    """``(trainer, evaluator)`` for training ``model``: ``trainer`` runs the updates, ``evaluator`` the attacks
+    and validation, both on ``model``'s own weights.
+
+    With several ranks, ``trainer`` is ``DistributedDataParallel(model)`` and, on CUDA, every BatchNorm
+    becomes a SyncBatchNorm (in place; the state dict keeps its names), so that batch statistics are
+    those of the whole batch, as on one GPU. ``compile`` compiles ``trainer`` as ``compile(DDP(model))``
+    (the order PyTorch's DDP optimiser needs to overlap communication with the backward pass) and
+    ``evaluator`` as ``compile(model)``. Call :func:`done_training` on ``model`` afterwards.
+    """
+    from .compute import compiled
+
+    if active() and next(model.parameters()).device.type == "cuda":
+        nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    trainer = compiled(ddp(model), compile)
+    evaluator = compiled(model, compile) if active() else trainer  # one process: the same (compiled) model
+    return trainer, evaluator
+
+
+def done_training(model: nn.Module) -> nn.Module:
+    """Turn :func:`for_training`'s SyncBatchNorms back into BatchNorm2d (same tensors), in place."""
+    for name, child in list(model.named_children()):
+        if isinstance(child, nn.SyncBatchNorm):
+            bn = nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.weight, bn.bias = child.weight, child.bias
+            bn.running_mean, bn.running_var, bn.num_batches_tracked = child.running_mean, child.running_var, child.num_batches_tracked
+            bn.train(child.training)
+            setattr(model, name, bn)
+        else:
+            done_training(child)
+    return model
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The module inside a DDP wrapper (attacks run on it: they need no gradient synchronisation)."""
+    from .compute import is_compiled
+
+    if is_compiled(model) and isinstance(model.module, nn.parallel.DistributedDataParallel):
+        return model.module.module  # compile(DDP(net)): attack the net itself
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 

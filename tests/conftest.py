@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from riftlab import Batches, adversarial_train, build_model, load_dataset
+from riftlab import Batches, MemoryState, adversarial_train, build_model, load_dataset
 
 torch.set_num_threads(2)
 
@@ -25,6 +25,19 @@ def riftlab_commands(*arg_lists: list[str], timeout: float = 300) -> list[subpro
         out, err = proc.communicate(timeout=timeout)
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return done
+
+
+class KillAfter(MemoryState):
+    """A resume state that dies, as a killed process would, right after its ``n``-th save (its progress is kept)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = n
+
+    def save(self, progress):
+        super().save(progress)
+        if self.saves == self.n:
+            raise KeyboardInterrupt
 
 
 def riftlab_command(*args: str) -> subprocess.CompletedProcess:

@@ -1,5 +1,6 @@
 """The ablations of Tables 3-4: fine-tuning several modules, the table of variants, its CLI and resume."""
 
+import copy
 import dataclasses
 
 import pandas as pd
@@ -8,7 +9,7 @@ import torch
 
 from riftlab import (Batches, RiftConfig, adversarial_set, adversarial_train, evaluate, finetune_module,
                      module_robust_criticality, save_checkpoint, select_alpha, weight_modules)
-from riftlab.ablation import VARIANTS, ablate
+from riftlab.engine.ablation import VARIANTS, ablate
 from riftlab.cli import main
 
 from conftest import make_model
@@ -92,7 +93,7 @@ def test_every_variant_fine_tunes_the_right_modules_and_follows_the_rule(setup, 
     direct = evaluate(setup["model"], setup["val"], CFG.eps, CFG.step, CFG.eval_steps, CFG.val_restarts, seed=CFG.seed)
     assert at_val == (direct["clean_acc"], direct["robust_acc"])
     for variant in ("all", "last", "most", "topk", "least"):
-        curve = pd.read_csv(out / variant / "interpolation.csv")
+        curve = pd.read_csv(out / "ablation" / variant / "interpolation.csv")
         assert list(curve["alpha"]) == list(CFG.alphas)
         assert tuple(curve.iloc[0][["clean_acc", "robust_acc"]]) == at_val  # alpha 0 is the AT model
         choice = select_alpha(curve, CFG.threshold)
@@ -103,7 +104,7 @@ def test_every_variant_fine_tunes_the_right_modules_and_follows_the_rule(setup, 
         allowed = curve[curve["robust_acc"] >= at_val[1] - CFG.threshold]
         assert row["val_clean_acc"] == max(at_val[0], allowed["clean_acc"].max())
     # No interpolation: the fine-tuned model itself, i.e. the least variant's curve at alpha 1.
-    least_curve = pd.read_csv(out / "least" / "interpolation.csv").set_index("alpha")
+    least_curve = pd.read_csv(out / "ablation" / "least" / "interpolation.csv").set_index("alpha")
     assert rows.loc["no-interp", "alpha"] == 1.0
     assert rows.loc["no-interp", "val_clean_acc"] == least_curve.loc[1.0, "clean_acc"]
     assert rows.loc["no-interp", "val_robust_acc"] == least_curve.loc[1.0, "robust_acc"]
@@ -111,7 +112,7 @@ def test_every_variant_fine_tunes_the_right_modules_and_follows_the_rule(setup, 
         assert rows.loc["least", ["test_clean_acc", "test_robust_acc"]].tolist() == rows.loc["no-interp", ["test_clean_acc", "test_robust_acc"]].tolist()
     assert ((0 <= frame["test_robust_acc"]) & (frame["test_robust_acc"] <= frame["test_clean_acc"]) & (frame["test_clean_acc"] <= 100)).all()
     # The variants really differ: fine-tuning everything moves clean accuracy at alpha 1 somewhere.
-    assert pd.read_csv(out / "all" / "interpolation.csv")["clean_acc"].nunique() > 1
+    assert pd.read_csv(out / "ablation" / "all" / "interpolation.csv")["clean_acc"].nunique() > 1
 
 
 def test_interrupted_ablation_resumes_to_the_same_table(setup, table, tmp_path):
@@ -124,20 +125,27 @@ def test_interrupted_ablation_resumes_to_the_same_table(setup, table, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         ablate(*args, out_dir=tmp_path, log=interrupt_after_most)
-    finished = {v: (tmp_path / v / "result.pt").stat().st_mtime_ns for v in ("at", "all", "last", "most")}
-    assert not (tmp_path / "topk").exists()
-    # A kill between saving the test progress and the row: the variant is redone from its saved work.
-    (tmp_path / "most" / "result.pt").unlink()
-    ft_saved = (tmp_path / "most" / "ft.pt").stat().st_mtime_ns
+    work = tmp_path / "ablation"
+    finished = {v: (work / v / "result.json").stat().st_mtime_ns for v in ("at", "all", "last", "most")}
+    assert not (work / "topk").exists()
+    ft_saved = (work / "finetune" / "most" / "ft.pt").stat().st_mtime_ns
     log = []
     resumed = ablate(*args, out_dir=tmp_path, log=log.append)
     pd.testing.assert_frame_equal(resumed, frame)
-    assert {v: (tmp_path / v / "result.pt").stat().st_mtime_ns for v in ("at", "all", "last")} == {v: finished[v] for v in ("at", "all", "last")}
-    assert (tmp_path / "most" / "ft.pt").stat().st_mtime_ns == ft_saved  # not fine-tuned again
-    assert [m.split(":")[0] for m in log if "done earlier" in m] == ["at", "all", "last"]
-    # Saved work of other settings is refused, not mixed in.
-    with pytest.raises(ValueError, match="other settings"):
+    assert {v: (work / v / "result.json").stat().st_mtime_ns for v in finished} == finished
+    assert (work / "finetune" / "most" / "ft.pt").stat().st_mtime_ns == ft_saved  # not fine-tuned again
+    reused = {m.split(":")[0] for m in log if "done earlier" in m}
+    assert {"ablation/at", "ablation/all", "ablation/last", "ablation/most", "ablation/finetune/most"} <= reused
+    assert "ablation/topk" not in reused
+    # Saved work of other settings is refused by name, not mixed in.
+    with pytest.raises(ValueError, match="ft_epochs: 2 there, 3 now"):
         ablate(*args[:-1], dataclasses.replace(CFG, ft_epochs=3), out_dir=tmp_path, log=log.append)
+    # So is the work of another AT model (the weights' digest is in every fingerprint).
+    other = copy.deepcopy(setup["model"])
+    with torch.no_grad():
+        other.linear.weight.mul_(1.01)
+    with pytest.raises(ValueError, match="at_model"):
+        ablate(other, *args[1:], out_dir=tmp_path, log=log.append)
 
 
 def test_bad_variants_and_k_are_clear_errors(setup):
@@ -161,15 +169,24 @@ def test_command_line_ablate_end_to_end_and_resume(setup, tmp_path, capsys):
     first = pd.read_csv(tmp_path / "ablation.csv")
     assert list(first["variant"]) == ["at", "least", "no-interp"] and "no-interp" in printed and "ablation.csv" in printed
     assert first.loc[2, "alpha"] == 1.0 and first.loc[1, "modules"] == first.loc[2, "modules"] == setup["mrc"].sort_values("mrc")["module"].iloc[0]
-    least_done = (tmp_path / "ablation" / "least" / "result.pt").stat().st_mtime_ns
+    least_done = (tmp_path / "ablation" / "least" / "result.json").stat().st_mtime_ns
 
-    assert main(["ablate", *common, "--variants", "at,least,no-interp,last"]) == 2
-    assert "holds an earlier ablation; pass --resume" in capsys.readouterr().err
-    assert main(["ablate", *common, "--variants", "at,least,no-interp,last", "--resume"]) == 0
+    # Another variant joins the finished ones: they are reused as they are, the new one runs.
+    assert main(["ablate", *common, "--variants", "at,least,no-interp,last"]) == 0
     second = pd.read_csv(tmp_path / "ablation.csv")
     assert list(second["variant"]) == ["at", "least", "no-interp", "last"]
     pd.testing.assert_frame_equal(second.iloc[:3], first)
-    assert (tmp_path / "ablation" / "least" / "result.pt").stat().st_mtime_ns == least_done
+    assert (tmp_path / "ablation" / "least" / "result.json").stat().st_mtime_ns == least_done
+    # Another setting under the same name is refused by name; under another --name it sits beside it.
+    capsys.readouterr()
+    assert main(["ablate", *common, "--variants", "least", "--lr", "0.01"]) == 2
+    assert "ft_lr: 0.001 there, 0.01 now" in capsys.readouterr().err
+    assert main(["ablate", *common, "--variants", "at,least", "--lr", "0.01", "--name", "lr0.01"]) == 0
+    third = pd.read_csv(tmp_path / "lr0.01.csv")
+    assert third.loc[0].equals(first.loc[0])  # the AT row: the same reference results, shared
+    capsys.readouterr()
+    assert main(["ablate", *common, "--variants", "least", "--name", "../elsewhere"]) == 2
+    assert "--name must be a plain folder name" in capsys.readouterr().err
 
     capsys.readouterr()
     assert main(["ablate", *common, "--variants", "least,bogus"]) == 2

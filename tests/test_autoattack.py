@@ -7,7 +7,7 @@ import torch
 from _tiny_models import trained_tiny
 
 from riftlab import evaluate
-from riftlab.autoattack import autoattack_accuracy
+from riftlab.evaluation.autoattack import autoattack_accuracy
 
 EPS = 8 / 255
 

@@ -39,13 +39,17 @@ run_notebooks = _load("run_notebooks", ROOT / "book" / "run_notebooks.py")
 check_pages = _load("check_pages", ROOT / "book" / "check_pages.py")
 
 SETUP_PATTERN = re.compile(
-    r"""\A# Setup: on Colab this installs riftlab; locally it uses the installed package\.
+    r"""\A# Setup \(hidden in the rendered book\): on Colab this installs riftlab and says which GPU the runtime has;
+# locally it uses the installed package\.
 import os, sys
 try:
     import riftlab
 except ImportError:
     %pip install -q "(?P<spec>\{os\.environ\.get\('RIFTLAB_PIP_SOURCE', '(?P<default>[^']+)'\)\}|(?P<literal>[^"]+))"
-    import riftlab\s*\Z""")
+    import riftlab
+import riftlab\.book
+if riftlab\.book\.on_colab\(\):
+    print\(riftlab\.book\.environment\(\)\)\s*\Z""")
 GIT_SPEC = re.compile(r"\Ariftlab @ git\+(?P<url>https://[^@\s]+?)(?:\.git)?@(?P<branch>[\w./-]+)\Z")
 
 
@@ -93,8 +97,7 @@ def test_config_sets_the_repository_once_and_turns_execution_off():
 
 def test_toc_lists_existing_pages_in_reading_order():
     files = toc_files()
-    assert files[0] == "book/intro"
-    assert files[1:6] == [f"notebooks/{name}" for name in run_notebooks.CHAPTERS]
+    assert files[:7] == [f"notebooks/{name}" for name in run_notebooks.CHAPTERS]  # the intro, chapters 1-5, RiFT at scale
     assert [f"notebooks/{name}" for name in run_notebooks.CHAPTER7] == [f for f in files if f.startswith("notebooks/rift_")]
     assert files[-1] == "notebooks/07_results"
     for f in files:
@@ -118,6 +121,9 @@ def test_every_notebook_starts_with_the_setup_cell_and_has_parameters(path):
     assert git["branch"] == CONFIG["repository"]["branch"], f"{path.name}: install branch differs from _config.yml's repository.branch"
     nb = nbformat.read(path, as_version=4)
     assert any("parameters" in c.metadata.get("tags", []) for c in nb.cells), f"{path.name}: no cell tagged 'parameters'"
+    # the rendered page opens with its title, not with install code
+    assert "remove-cell" in nb.cells[0].metadata.get("tags", []), f"{path.name}: the setup cell is not hidden (tag remove-cell)"
+    assert nb.cells[1].cell_type == "markdown" and nb.cells[1].source.startswith("# "), f"{path.name}: no title after the setup cell"
 
 
 def test_template_is_clean_and_its_parameters_are_the_documented_ones():
@@ -125,9 +131,10 @@ def test_template_is_clean_and_its_parameters_are_the_documented_ones():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "commit the template without outputs"
     params = next(c for c in nb.cells if "parameters" in c.metadata.get("tags", []))
     names = re.findall(r"^(\w+) = ", params.source, re.MULTILINE)
-    assert names == ["profile", "dataset", "model_name", "width", "train_subset", "val_subset", "test_subset", "epochs",
-                     "device", "seed", "data_root", "download", "out_dir", "results_dir"]
-    assert 'device = "auto"' in params.source and 'profile = "chapter7"' in params.source
+    assert names == ["profile", "dataset", "model_name", "width", "train_subset", "val_subset", "test_subset", "epochs", "mrc_examples",
+                     "at_checkpoint", "robustbench", "model_dir", "device", "seed", "data_root", "download", "run_root", "out_dir",
+                     "results_dir"]
+    assert 'device = "auto"' in params.source and 'profile = "auto"' in params.source and 'robustbench = "auto"' in params.source
 
 
 @pytest.mark.parametrize("name", list(run_notebooks.CHAPTER7))
@@ -171,14 +178,14 @@ def test_results_page_marks_generated_rows_and_rows_not_run():
 def test_intro_table_is_the_papers_table1():
     from riftlab import paper
 
-    intro = (ROOT / "book" / "intro.md").read_text()
+    intro = "\n".join(c.source for c in nbformat.read(NOTEBOOKS / "00_intro.ipynb", as_version=4).cells if c.cell_type == "markdown")
     rows = re.findall(r"^\| (ResNet18|ResNet34|WRN34-10) \| (AT|AT\+RiFT) \|(.*)\|$", intro, re.MULTILINE)
     assert len(rows) == 6
     names = {v: k for k, v in paper.MODELS.items()}
     for model, method, numbers in rows:
         values = [float(x) for x in numbers.split("|")]
         expected = [v for ds in ("cifar10", "cifar100", "tinyimagenet") for v in paper.TABLE1[(names[model], method)][ds]]
-        assert values == expected, f"intro.md's {model} {method} row differs from riftlab.paper.TABLE1"
+        assert values == expected, f"the intro's {model} {method} row differs from riftlab.paper.TABLE1"
 
 
 def test_paper_tables_as_data():
@@ -357,7 +364,8 @@ def test_built_pages_have_figures_links_no_errors_and_colab_buttons(tmp_path):
         pytest.skip("chromium / chromedriver not installed (make check-pages installs them)")
     pytest.importorskip("selenium")
     report = check_pages.check_site(html, tmp_path / "screenshots")
-    assert {p["page"] for p in report} >= {"book/intro.html", "notebooks/rift_cifar10.html", "notebooks/07_results.html"}
+    assert {p["page"] for p in report} >= {"notebooks/00_intro.html", "notebooks/rift_cifar10.html", "notebooks/07_results.html"}
+    assert any(p["formulas"] > 0 for p in report)  # MathJax (vendored) typeset the formulas
     failed = {p["page"]: p["problems"] for p in report if not p["ok"]}
     assert not failed, json.dumps(failed, indent=2)
     for page in report:
@@ -378,10 +386,61 @@ def test_page_check_catches_broken_pages(tmp_path):
     target = bad / "notebooks" / "rift_cifar10.html"
     text = target.read_text().replace("https://colab.research.google.com/github", "https://example.org/github")
     text = text.replace("<section id=\"what-data-this-run-uses\">", "<section id=\"what-data-this-run-uses\"><pre>NameError: name 'x' is not defined</pre>"
-                        "<img src='../_images/nope.png'><a href='07_results.html#no-such-anchor'>a</a><a href='gone.html'>b</a>", 1)
+                        "<img src='../_images/nope.png'><a href='07_results.html#no-such-anchor'>a</a><a href='gone.html'>b</a>"
+                        "<p>where \\(\\theta_{\\mathrm{AT}}\\) stays raw</p>", 1)
+    text = text.replace("mathjax/tex-svg.js", "https://cdn.example.org/mathjax/tex-svg.js")  # formulas left raw, from outside
     target.write_text(text)
     report = {p["page"]: p for p in check_pages.check_site(bad)}
     problems = "\n".join(report["notebooks/rift_cifar10.html"]["problems"])
-    for expected in ("missing figure", "raw error text", "no-such-anchor", "gone.html", "no Colab launch button"):
+    for expected in ("missing figure", "raw error text", "no-such-anchor", "gone.html", "no Colab launch button", "raw TeX",
+                     "MathJax loaded from outside the book"):
         assert expected in problems
     assert report["notebooks/rift_cifar100.html"]["ok"]
+
+
+# --------------------------------------------------------------------------------------------
+# prose that states a direction follows the numbers
+
+DIRECTION_WORDS = re.compile(r"\b(rises?|rose|rising|falls?|fell|falling|dropped|increases|increased|decreases|decreased|"
+                             r"improves?|improved|worsens?|worsened|grows?|shrinks?|climbs?)\b", re.IGNORECASE)
+
+
+def _glued(path: Path) -> dict[str, str]:
+    nb = nbformat.read(path, as_version=4)
+    values = {}
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            name = out.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                data = out.get("data", {})
+                values[name] = str(data.get("application/papermill.record/text/plain", data.get("text/plain", ""))).strip("'\"")
+    return values
+
+
+@pytest.mark.parametrize("path", all_notebooks(), ids=lambda p: p.name)
+def test_prose_next_to_glued_numbers_states_no_direction_of_its_own(path):
+    """A sentence that quotes computed numbers must not assert which way they moved in words of its own: the verb is glued
+    too (riftlab.book.direction), so that it follows the numbers (chapter 4 once said clean accuracy 'rises towards 77.0%'
+    where its own numbers fell from 77.4)."""
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for sentence in re.split(r"(?<=[.!?:])\s+", cell.source.replace("\n", " ")):
+            if "{glue:" not in sentence:
+                continue
+            prose = re.sub(r"\{glue:[a-z]+\}`[^`]*`", " ", sentence)
+            word = DIRECTION_WORDS.search(prose)
+            assert word is None, f"{path.name}: {word.group(0)!r} is stated, not glued, in: {sentence.strip()!r}"
+
+
+@pytest.mark.parametrize("notebook, verb, before, after", [("04_interpolation", "clean_walk", "at_val_clean", "ft_val_clean"),
+                                                          ("04_interpolation", "robust_walk", "at_val_robust", "ft_val_robust"),
+                                                          ("05_out_of_distribution", "severity_walk", "sev1_at", "sev5_at")])
+def test_glued_directions_agree_with_the_glued_numbers(notebook, verb, before, after):
+    glued = _glued(NOTEBOOKS / f"{notebook}.ipynb")
+    if verb not in glued:
+        pytest.skip(f"{notebook} has no stored outputs yet (make book)")
+    a, b = float(glued[before]), float(glued[after])
+    expected = "rises" if b > a else "falls" if b < a else ("stays level" if notebook == "04_interpolation" else "stays")
+    assert glued[verb] == expected, f"{notebook}: the prose says {glued[verb]!r} for {a} -> {b}"

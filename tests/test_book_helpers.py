@@ -200,7 +200,7 @@ def test_epochwise_training_equals_one_run(shared):
     """The AT model trained one epoch at a time (to measure each epoch) is the one an uninterrupted run gives."""
     cfg, splits, device = shared["cfg"], shared["splits"], shared["device"]
     riftlab.book.seed_everything(cfg.seed)
-    model = riftlab.pipeline.build_for(cfg, splits)
+    model = riftlab.engine.pipeline.build_for(cfg, splits)
     batches = book.loaders(cfg, splits, device)
     result = riftlab.adversarial_train(model, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr,
                                        milestones=riftlab._util.milestones_for(cfg.at_epochs, 110, (100, 105)), eps=cfg.eps,
@@ -245,13 +245,13 @@ def test_finetuned_one_module(shared, monkeypatch):
     assert changed == ["layer2.1.conv2.weight"]  # only that weight; BatchNorm statistics stay frozen
     assert ft["trained_params"] == a["layer2.1.conv2.weight"].numel()
     assert list(ft["history"]["epoch"]) == [0, 1, 2] and ft["best_epoch"] in (1, 2)
-    # the curve (alpha = 0 taken from the shared validation evaluation) is interpolation_curve's
+    # the curve is the pipeline's (interpolation_curve over every alpha, with its paired intervals)
     full = interpolation_curve(at, a, b, Batches(splits.val, cfg.eval_batch_size), cfg.eps, cfg.step, cfg.eval_steps,
                                cfg.val_restarts, cfg.alphas, seed=cfg.seed)
     pd.testing.assert_frame_equal(ft["curve"], full)
     assert ft["choice"] == riftlab.select_alpha(full, cfg.threshold)
     _forbid(monkeypatch, "finetune_module")
-    _forbid(monkeypatch, "interpolation_curve")
+    _forbid(monkeypatch, "choose_alpha")
     again = book.finetuned(cfg, at, "layer2.1.conv2", splits, device)
     assert book.state_hash(again["model"]) == book.state_hash(ft["model"]) and again["choice"] == ft["choice"]
 
@@ -278,3 +278,9 @@ def test_rift_assembles_the_cached_steps(shared):
     assert book.state_hash(out["rift"]) == book.state_hash(expected)
     fixed = book.rift(tiny_config(ft_module="linear"), splits, device)
     assert fixed["module"] == "linear"
+
+
+def test_direction_follows_the_numbers_as_shown():
+    assert book.direction(77.4, 77.0) == "falls" and book.direction(77.0, 77.4) == "rises"
+    assert book.direction(77.41, 77.44) == "stays level"  # both shown as 77.4
+    assert book.direction(1, 2, up="gains", down="loses") == "gains"

@@ -4,6 +4,7 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from conftest import riftlab_command, riftlab_commands
 from riftlab.checkpoint import read_checkpoint
@@ -30,8 +31,8 @@ def chained_run(tmp_path_factory):
 
 def test_steps_chain_through_the_run_directory(chained_run):
     out = chained_run
-    for name in ("at.pt", "at/last.pt", "at/best.pt", "at_history.csv", "mrc.csv", "ft.pt", "finetune.csv",
-                 "interpolation.csv", "rift.pt", "alpha.json", "evaluate-rift-test.json"):
+    for name in ("at.pt", "at_history.csv", "mrc.csv", "ft.pt", "finetune.csv", "interpolation.csv", "rift.pt", "alpha.json",
+                 "evaluate-rift-test.json", "riftlab.lock"):
         assert (out / name).is_file(), name
     mrc = pd.read_csv(out / "mrc.csv")
     ft = read_checkpoint(out / "ft.pt")
@@ -44,6 +45,9 @@ def test_steps_chain_through_the_run_directory(chained_run):
     result = json.loads((out / "evaluate-rift-test.json").read_text())
     assert result["steps"] == 3 and result["restarts"] == 1 and result["n"] == 128
     assert 0 <= result["robust_acc"] <= result["clean_acc"] <= 100
+    lock = json.loads((out / "riftlab.lock").read_text())["stages"]
+    assert [lock[s]["status"] for s in ("at", "mrc", "finetune", "interpolate")] == ["done"] * 4
+    assert lock["finetune"]["params"]["module"] == mrc["module"].iloc[0] and lock["finetune"]["inputs"]["mrc"] == lock["mrc"]["fingerprint"]
 
 
 def test_finetune_unknown_module_is_a_clear_error(chained_run, capsys):
@@ -51,6 +55,55 @@ def test_finetune_unknown_module_is_a_clear_error(chained_run, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "unknown module 'layer2.1.conv9'; valid modules: conv1, layer1.0.conv1" in err
+
+
+# What `rift` needs to reuse the chained run's stages: the same settings as train-at, mrc and finetune used.
+RIFT = ["rift", *TINY, "--at-epochs", "2", "--at-attack-steps", "1", "--mrc-examples", "128", "--mrc-passes", "1", "--ft-epochs", "1"]
+
+
+def test_finetune_then_rift_goes_on_from_the_step_commands(chained_run, capsys):
+    """`riftlab finetune` then `riftlab rift --resume` once failed with a KeyError on best_epoch."""
+    out = chained_run
+    lock = json.loads((out / "riftlab.lock").read_text())["stages"]
+    stamps = {name: (out / name).stat().st_mtime_ns for name in ("at.pt", "mrc.csv", "ft.pt")}
+    capsys.readouterr()
+    assert main([*RIFT, "--out", str(out), "--resume"]) == 0
+    printed = capsys.readouterr().out
+    for stage in ("at", "mrc", "finetune", "interpolate"):
+        assert f"{stage}: done earlier, reusing it" in printed
+    assert {name: (out / name).stat().st_mtime_ns for name in stamps} == stamps  # reused, not redone
+    results = json.loads((out / "results.json").read_text())
+    assert results["finetune_best_epoch"] == lock["finetune"]["summary"]["best_epoch"] == read_checkpoint(out / "ft.pt")["meta"]["best_epoch"]
+    assert results["module"] == lock["finetune"]["params"]["module"]
+
+
+def test_evaluate_reproduces_the_runs_test_numbers_exactly(chained_run):
+    """`riftlab evaluate rift.pt` once drew other random starts than the run's test evaluation (another seed convention)."""
+    out = chained_run
+    results = json.loads((out / "results.json").read_text())
+    assert main(["evaluate", *TINY, "--checkpoint", str(out / "rift.pt"), "--out", str(out / "again")]) == 0
+    again = json.loads((out / "again" / "evaluate-rift-test.json").read_text())
+    for key in ("clean_acc", "robust_acc", "seed", "n", "steps", "restarts"):
+        assert again[key] == results["test"]["rift"][key], key
+
+
+def test_finetune_resumed_with_another_module_is_refused_by_name(tmp_path, capsys):
+    """`finetune --module A`, then `finetune --module B --resume` once continued A's run and labelled it B."""
+    out = ["--out", str(tmp_path)]
+    assert main(["train-at", *TINY, *out, "--epochs", "1", "--attack-steps", "1"]) == 0
+    ft = ["finetune", *out, "--no-progress", "--epochs", "1", *DATA]
+    assert main([*ft, "--module", "layer1.0.conv1"]) == 0
+    before = (tmp_path / "ft.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*ft, "--module", "layer2.0.conv1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reuse stage finetune" in err and "module: 'layer1.0.conv1' there, 'layer2.0.conv1' now" in err
+    assert (tmp_path / "ft.pt").read_bytes() == before and read_checkpoint(tmp_path / "ft.pt")["meta"]["module"] == "layer1.0.conv1"
+    assert main([*ft, "--module", "layer2.0.conv1", "--overwrite"]) == 0  # asked for: redone, and labelled by what it holds
+    state = read_checkpoint(tmp_path / "ft.pt")
+    at = read_checkpoint(tmp_path / "at.pt")["model_state"]
+    changed = [k for k, v in state["model_state"].items() if not torch.equal(v, at[k])]
+    assert state["meta"]["module"] == "layer2.0.conv1" and changed == ["layer2.0.conv1.weight"]
 
 
 def test_user_errors_exit_2_without_traceback(tmp_path):
@@ -73,10 +126,10 @@ def test_user_errors_exit_2_without_traceback(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_rift_refuses_to_overwrite_a_finished_run(tmp_path):
+def test_rift_refuses_results_it_has_no_record_of(tmp_path):
     (tmp_path / "results.json").write_text("{}")
     proc = riftlab_command("rift", "--dataset", "synthetic-cifar10", "--out", str(tmp_path))
-    assert proc.returncode == 2 and "already holds a finished run" in proc.stderr and "--overwrite" in proc.stderr
+    assert proc.returncode == 2 and "no riftlab.lock records" in proc.stderr and "--overwrite" in proc.stderr
     assert (tmp_path / "results.json").read_text() == "{}"
 
 

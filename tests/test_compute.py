@@ -1,7 +1,9 @@
-"""Precision (bf16 autocast), memory layout and torch.compile: riftlab.compute.
+"""Precision (bf16 / fp16 autocast, chosen by device), memory layout and torch.compile: riftlab.compute.
 
-bf16 runs on the CPU too when asked for (``precision="bf16"``), so the bf16 code path and its
-agreement with fp32 are tested here without a GPU; the CUDA-only parts skip without one.
+bf16 and fp16 run on the CPU too when asked for, so their code paths and their agreement with fp32
+are tested here without a GPU; the choice ``auto`` makes on a GPU is tested by mocking the device's
+compute capability; the CUDA-only parts skip without one (``tests/test_cuda.py``, run by
+``benchmarks/gpu_check.py`` on a GPU).
 """
 
 import copy
@@ -11,25 +13,62 @@ import torch
 import torch.nn as nn
 
 from riftlab import Batches, adversarial_train, evaluate, pgd
-from riftlab._loop import train_epoch
-from riftlab.compute import autocast, batch_layout, compiled, get_precision, set_precision, to_device, use_precision, uses_bf16
-from riftlab.criticality import adversarial_set, module_robust_criticality
-from riftlab.evaluation import accuracy
+from riftlab.steps._loop import train_epoch
+from riftlab.compute import (autocast, autocast_dtype, batch_layout, compiled, get_precision, grad_scaler, loss_scale, native_bf16,
+                             precision_name, set_precision, to_device, use_precision)
+from riftlab.steps.criticality import adversarial_set, module_robust_criticality
+from riftlab.evaluation.robust import accuracy
 
 from conftest import make_model
 
 
 def test_precision_setting_is_checked_and_scoped():
     assert get_precision() == "auto"
-    with pytest.raises(ValueError, match="unknown precision 'fp16'.*auto, fp32, bf16"):
-        set_precision("fp16")
+    with pytest.raises(ValueError, match="unknown precision 'fp8'.*auto, fp32, bf16, fp16"):
+        set_precision("fp8")
     with use_precision("bf16"):
-        assert get_precision() == "bf16" and uses_bf16("cpu")
+        assert get_precision() == "bf16" and autocast_dtype("cpu") == torch.bfloat16
         with use_precision("fp32"):
-            assert not uses_bf16("cpu")
+            assert autocast_dtype("cpu") is None
         assert get_precision() == "bf16"
     assert get_precision() == "auto"
-    assert not uses_bf16("cpu")  # auto keeps the CPU in fp32: bf16 is slower there
+    assert autocast_dtype("cpu") is None and precision_name("cpu") == "fp32"  # auto keeps the CPU in fp32: 16 bits are slower there
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), "bf16"), ((8, 0), "bf16"), ((7, 5), "fp16"), ((7, 0), "fp16")])
+def test_auto_precision_follows_the_gpus_native_support(monkeypatch, capability, expected):
+    """H100 (9.0) and A100 (8.0) compute bf16 natively; a T4 (7.5) or V100 (7.0) only emulates it, where
+    is_bf16_supported() still says True: auto must pick fp16 (with a gradient scaler) there."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # as on a T4: emulation counts
+    cuda = torch.device("cuda", 0)
+    assert native_bf16(cuda) == (expected == "bf16")
+    assert precision_name(cuda) == expected
+    assert loss_scale(cuda) == (1024.0 if expected == "fp16" else 1.0)
+    with use_precision("fp32"):
+        assert precision_name(cuda) == "fp32"
+    with use_precision("bf16"):
+        assert precision_name(cuda) == "bf16"  # asked for: given, emulated or not
+
+
+def test_fp16_path_on_the_cpu_scales_losses_and_trains(tiny_splits):
+    """fp16 autocast on the CPU (torch allows it): training goes through a gradient scaler, attacks scale
+    their loss so that small input gradients survive, and the result tracks fp32."""
+    with use_precision("fp16"):
+        assert autocast_dtype("cpu") == torch.float16 and loss_scale("cpu") == 1024.0
+        assert isinstance(grad_scaler("cpu"), torch.amp.GradScaler)
+        model = make_model(tiny_splits, width=4, seed=3)
+        train = Batches(tiny_splits.train.subset(256), 64, shuffle=True, augment=True, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        assert _conv_output_dtypes(model, lambda: train_epoch(model, train, opt)) == {torch.float16}
+        second = train_epoch(model, train, opt)
+        assert all(p.dtype == torch.float32 for p in model.parameters()) and second["first_bad_step"] == -1
+        x, y = tiny_splits.val.float()[:32], tiny_splits.val.labels[:32]
+        x_adv = pgd(model, x, y, 8 / 255, 2 / 255, 2, generator=torch.Generator().manual_seed(0))
+        assert x_adv.dtype == torch.float32 and (x_adv - x).abs().max() <= 8 / 255 + 1e-7
+        assert (x_adv != x).float().mean() > 0.5  # the gradients did not underflow to zero
+    assert grad_scaler("cpu") is None  # fp32: no scaler
 
 
 def _conv_output_dtypes(model: nn.Module, fn) -> set[torch.dtype]:
@@ -103,6 +142,42 @@ def test_layout_helpers_leave_cpu_tensors_alone(tiny_splits):
     assert batch_layout(x) is x
     with autocast("cpu"):
         assert torch.is_autocast_enabled("cpu") is False
+
+
+def test_compile_failure_falls_back_to_eager_with_one_line(capsys):
+    class Untraceable(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    model = compiled(Untraceable(), True)
+    object.__setattr__(model, "_compiled", lambda x: (_ for _ in ()).throw(RuntimeError("backend exploded\nlong traceback")))
+    out = model(torch.ones(2))
+    assert torch.equal(out, torch.full((2,), 2.0)) and model.failed
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile failed (RuntimeError: backend exploded); running eagerly" in err
+    model(torch.ones(2))
+    assert capsys.readouterr().err == ""  # said once
+
+
+def test_mrc_through_cached_activations_equals_the_whole_network(at_model, tiny_splits):
+    """The frozen prefix (and a block's unchanged branches) is computed once per batch instead of at every ascent
+    step: the same operations on the same values, so the table is bit for bit the whole network's on the CPU."""
+    source = Batches(tiny_splits.train.subset(128, seed=0), 64)
+    adv = adversarial_set(at_model, source, 8 / 255, 2 / 255, steps=3, seed=0)
+    cached = module_robust_criticality(at_model, adv, passes=2)
+    whole = module_robust_criticality(at_model, adv, passes=2, reuse_activations=False)
+    assert cached.equals(whole)
+
+    class Untraceable(nn.Module):  # data-dependent control flow: fx cannot trace it, and MRC falls back to the whole net
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x) if float(x.sum()) >= 0 else -self.inner(x)
+
+    fallback = module_robust_criticality(Untraceable(at_model), adv, passes=2, modules=["inner.linear"])
+    assert fallback.set_index("module").loc["inner.linear", "mrc"] == whole.set_index("module").loc["linear", "mrc"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from riftlab.corruptions import (ALL_CORRUPTIONS, CORRUPTION_GROUPS, CORRUPTIONS, EXTRA_CORRUPTIONS, PROTOCOLS,
+from riftlab.evaluation.corruptions import (ALL_CORRUPTIONS, CORRUPTION_GROUPS, CORRUPTIONS, EXTRA_CORRUPTIONS, PROTOCOLS,
                                  RANDOM_CORRUPTIONS, REFERENCE_CORRUPTIONS, SEVERITIES, corrupt, protocol_of,
                                  resolve_corruptions)
 

@@ -18,6 +18,8 @@ import torch
 from riftlab import Batches
 from riftlab.checkpoint import read_checkpoint
 
+from conftest import make_model
+
 TINY = ["--profile", "demo", "--width", "4", "--train-subset", "512", "--val-subset", "128", "--test-subset", "256",
         "--batch-size", "64", "--device", "cpu", "--no-progress"]
 
@@ -68,7 +70,8 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
         assert h["train_loss"].iloc[-1] < h["train_loss"].iloc[0]
     assert not list(two.rglob("*.tmp"))
 
-    at = str(one / "at.pt")  # from here on both runs start from the same AT model
+    at = str(one / "at.pt")  # from here on both runs start from the same AT model (in run directories of their own)
+    one, two = tmp_path / "one-steps", tmp_path / "two-steps"
     mrc = ["mrc", *TINY, "--checkpoint", at, "--examples", "128", "--passes", "2"]
     _run([*mrc, "--out", str(one)], 1, tmp_path)
     _run([*mrc, "--out", str(two)], 2, tmp_path)
@@ -93,3 +96,37 @@ def test_torchrun_two_ranks_match_one_process(tmp_path):
     assert e1["n"] == e2["n"] == 256
     assert e1["clean_acc"] == e2["clean_acc"]
     assert abs(e1["robust_acc"] - e2["robust_acc"]) <= 3.0
+
+
+def test_sync_batchnorm_round_trip_keeps_every_tensor_and_output(tiny_splits):
+    """Under torchrun on CUDA, training runs with SyncBatchNorm (the whole batch's statistics); afterwards the
+    model is turned back into plain BatchNorm2d with the same tensors, so checkpoints and evaluation are unchanged."""
+    from riftlab.distributed import done_training
+
+    model = make_model(tiny_splits, width=4).eval()
+    x = tiny_splits.val.float()[:16]
+    before_state, before_out = {k: v.clone() for k, v in model.state_dict().items()}, model(x)
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == 20
+    done_training(model)
+    assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+    after = model.state_dict()
+    assert list(after) == list(before_state) and all(torch.equal(after[k], before_state[k]) for k in after)
+    assert torch.equal(model(x), before_out)
+
+
+def test_unequal_slices_weight_each_ranks_loss_by_its_share(tiny_splits):
+    """A batch of 10 over 3 ranks is split 4 / 3 / 3: each rank's mean loss weighted by its share, then averaged over the
+    ranks as DDP averages gradients, is the whole batch's mean (the one-process update)."""
+    full = Batches(tiny_splits.train.subset(10), 10)
+    losses = torch.rand(10, generator=torch.Generator().manual_seed(0))
+    (x_all, _), = list(full)
+    averaged = 0.0
+    for rank in range(3):
+        view = full.sharded(rank, 3)
+        (x, _), = list(view)
+        mine = torch.arange(10).tensor_split(3)[rank]
+        assert torch.equal(x, x_all[mine])
+        averaged += view.shard_weight * float(losses[mine].mean()) / 3
+    assert averaged == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert full.shard_weight is None  # the whole batch needs no weight

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from riftlab import Batches, adversarial_train, mart_loss, trades_loss
 from riftlab.checkpoint import read_checkpoint
 from riftlab.cli import build_parser, config_from_args, main
-from riftlab.losses import at_objective, trades_attack
+from riftlab.steps.losses import at_objective, trades_attack
 
 from conftest import make_model
 
@@ -123,22 +123,14 @@ def test_objective_trains_every_parameter(method, tiny_splits, small_batch):
 
 
 @pytest.mark.parametrize("method", ["trades", "mart"])
-def test_short_training_run_records_method_and_refuses_to_mix(method, tiny_splits, tmp_path):
+def test_short_training_run_trains_with_the_method(method, tiny_splits):
     model = make_model(tiny_splits, width=4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train = Batches(tiny_splits.train.subset(128), 64, shuffle=True, augment=True, seed=0)
     val = Batches(tiny_splits.val.subset(64), 64)
-    kwargs = dict(lr=0.05, attack_steps=1, step=4 / 255, eval_steps=1, out_dir=tmp_path)
-    result = adversarial_train(model, train, val, epochs=1, method=method, beta=3.0, meta={"dataset": "synthetic-cifar10"}, **kwargs)
+    result = adversarial_train(model, train, val, epochs=1, method=method, beta=3.0, lr=0.05, attack_steps=1, step=4 / 255, eval_steps=1)
     assert math.isfinite(result.history[0]["train_loss"]) and "train_robust_acc" in result.history[0]
     assert any(not torch.equal(v, before[k]) for k, v in result.model.state_dict().items())
-    for name in ("last.pt", "best.pt"):
-        meta = read_checkpoint(tmp_path / name)["meta"]
-        assert meta["at_method"] == method and meta["at_beta"] == 3.0 and meta["dataset"] == "synthetic-cifar10"
-    with pytest.raises(ValueError, match=f"method '{method}'.*not 'pgd'"):
-        adversarial_train(make_model(tiny_splits, width=4), train, val, epochs=2, method="pgd", **kwargs)
-    with pytest.raises(ValueError, match=r"beta 3\.0.*beta 6\.0"):
-        adversarial_train(make_model(tiny_splits, width=4), train, val, epochs=2, method=method, beta=6.0, **kwargs)
 
 
 def test_bad_method_or_beta_is_a_clear_error(tiny_splits):
@@ -158,6 +150,12 @@ def test_command_line_method_and_beta(tmp_path, capsys):
     assert main(["train-at", *tiny, "--method", "mart", "--beta", "3", "--out", str(tmp_path)]) == 0
     meta = read_checkpoint(tmp_path / "at.pt")["meta"]
     assert meta["at_method"] == "mart" and meta["at_beta"] == 3.0
+    # Resuming or reusing it with another method or beta is refused, by name (the run engine's fingerprint).
+    capsys.readouterr()
+    assert main(["train-at", *tiny, "--method", "mart", "--beta", "6", "--out", str(tmp_path), "--resume"]) == 2
+    assert "at_beta: 3.0 there, 6.0 now" in capsys.readouterr().err
+    assert main(["train-at", *tiny, "--method", "trades", "--beta", "3", "--out", str(tmp_path), "--resume"]) == 2
+    assert "at_method: 'mart' there, 'trades' now" in capsys.readouterr().err
     # Later steps read the method from the checkpoint; `riftlab rift` takes the same options.
     assert config_from_args(build_parser().parse_args(["mrc", "--out", str(tmp_path)]), meta).at_method == "mart"
     cfg = config_from_args(build_parser().parse_args(["rift", "--dataset", "synthetic-cifar10", "--method", "trades", "--beta", "2"]))

@@ -10,12 +10,14 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from riftlab.checkpoint import save_checkpoint
+from riftlab.checkpoint import read_checkpoint, save_checkpoint
 from riftlab.cli import main
-from riftlab.corruptions import CORRUPTIONS, REFERENCE_CORRUPTIONS
+from riftlab.evaluation.corruptions import CORRUPTIONS, REFERENCE_CORRUPTIONS
 from riftlab.data import CIFAR_MEAN, CIFAR_STD, DatasetNotFoundError, ImageSet, make_synthetic
 from riftlab.models import build_model
-from riftlab.ood import check_corrupted_dir, load_cifar_c, load_corrupted, load_tinyimagenet_c, ood_accuracy, read_wnids
+
+from conftest import KillAfter
+from riftlab.evaluation.ood import check_corrupted_dir, load_cifar_c, load_corrupted, load_tinyimagenet_c, ood_accuracy, read_wnids
 
 N = 4  # images per severity in the fixtures
 
@@ -213,18 +215,36 @@ def test_a_trained_model_degrades_with_severity():
     assert result.mean < clean_acc
 
 
-def test_the_sweep_resumes_from_its_progress_file(tmp_path):
+def test_the_sweep_resumes_from_partial_progress():
     clean, _ = make_synthetic("synthetic-cifar10", 24, 1, seed=3)
-    progress = tmp_path / "ood.pt"
-    first = ood_accuracy(ConstantModel(favourite=clean.labels[0].item()), clean, ["fog", "snow"], "1,2", checkpoint_path=progress)
-    assert progress.is_file()
-    # A resumed sweep reuses the saved pairs: a different model does not change them.
-    resumed = ood_accuracy(ConstantModel(favourite=(clean.labels[0].item() + 1) % 10), clean, ["fog", "snow"], "1,2", checkpoint_path=progress)
-    pd.testing.assert_frame_equal(first.table, resumed.table)
-    fresh = ood_accuracy(ConstantModel(favourite=(clean.labels[0].item() + 1) % 10), clean, ["fog", "snow"], "1,2")
-    assert not fresh.table["accuracy"].equals(first.table["accuracy"])
-    with pytest.raises(ValueError, match="other settings \\(severities\\)"):
-        ood_accuracy(ConstantModel(favourite=0), clean, ["fog", "snow"], "1,3", checkpoint_path=progress)
+    model = ConstantModel(favourite=clean.labels[0].item())
+    whole = ood_accuracy(model, clean, ["fog", "snow"], "1,2")
+    killed = KillAfter(1)  # after the first (corruption, severity) pair
+    with pytest.raises(KeyboardInterrupt):
+        ood_accuracy(model, clean, ["fog", "snow"], "1,2", state=killed)
+    assert list(killed.load()["accuracy"]) == ["fog/1"]
+    pd.testing.assert_frame_equal(ood_accuracy(model, clean, ["fog", "snow"], "1,2", state=killed).table, whole.table)
+
+
+def test_cli_ood_resumed_with_another_model_is_refused(cli_setup, tmp_path, capsys):
+    """The stage's fingerprint holds the model's own digest: another model's results are never reused (it once silently was)."""
+    root, checkpoint, _ = cli_setup
+    out = tmp_path / "out"
+    args = ["--ood", "--corruptions", "fog", "--severities", "1"]
+    assert main(_evaluate_args(root, checkpoint, out, *args)) == 0
+    first = json.loads((out / "evaluate-tiny-test.json").read_text())
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    state = read_checkpoint(checkpoint)
+    changed = {k: (v * 1.5 if v.is_floating_point() else v) for k, v in state["model_state"].items()}
+    other = save_checkpoint(other_dir / "tiny.pt", {"model_state": changed, "meta": state["meta"]})  # same name, other weights
+    capsys.readouterr()
+    assert main(_evaluate_args(root, other, out, *args, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "cannot reuse stage evaluate/tiny-test" in err and "model:" in err and "--overwrite" in err
+    assert json.loads((out / "evaluate-tiny-test.json").read_text()) == first  # nothing was mixed in or lost
+    assert main(_evaluate_args(root, checkpoint, out, *args)) == 0  # the same model again: reused as it is
+    assert "done earlier, reusing it" in capsys.readouterr().out
 
 
 def test_ood_accuracy_checks_its_arguments(tmp_path):
@@ -303,7 +323,7 @@ def test_cli_evaluate_ood_on_the_fly(cli_setup):
     result = json.loads((out / "evaluate-tiny-test.json").read_text())
     assert result["ood"]["protocol"] == "reference-18" and result["ood"]["severities"] == [1, 5] and result["ood"]["n"] == 40
     assert result["ood_acc"] == pytest.approx(table["accuracy"].mean())
-    assert not (out / "ood-tiny-test.progress.pt").exists()
+    assert not (out / "progress" / "ood").exists() or not any((out / "progress" / "ood").iterdir())  # finished: progress cleared
 
 
 def test_cli_evaluate_ood_dir_matches_the_clean_test_subset(cli_setup):
@@ -351,7 +371,7 @@ def _tar(folder, archive):
 def _serve_c(monkeypatch, dataset, archive, md5):
     import dataclasses
 
-    import riftlab.ood as ood
+    import riftlab.evaluation.ood as ood
 
     info = dataclasses.replace(ood.CORRUPTED_SETS[dataset], url=archive.parent.as_uri(), archive=archive.name, md5=md5)
     monkeypatch.setattr(type(info), "download", property(lambda self: f"{self.url}/{self.archive}"))
@@ -361,7 +381,7 @@ def _serve_c(monkeypatch, dataset, archive, md5):
 
 def test_cifar_c_download_is_verified_extracted_and_loads(tmp_path, monkeypatch):
     from riftlab.data import md5sum
-    from riftlab.ood import download_corrupted
+    from riftlab.evaluation.ood import download_corrupted
 
     (tmp_path / "served").mkdir()
     archive = _tar(write_cifar_c(tmp_path / "src"), tmp_path / "served" / "CIFAR-10-C.tar")
@@ -379,7 +399,7 @@ def test_cifar_c_download_is_verified_extracted_and_loads(tmp_path, monkeypatch)
 
 def test_tiny_imagenet_c_checksum_comes_from_the_zenodo_record(tmp_path, monkeypatch):
     from riftlab.data import md5sum
-    from riftlab.ood import download_corrupted
+    from riftlab.evaluation.ood import download_corrupted
 
     (tmp_path / "served").mkdir()
     archive = _tar(write_tiny_c(tmp_path / "src"), tmp_path / "served" / "Tiny-ImageNet-C.tar")

@@ -1,110 +1,114 @@
 """Runs that survive kills, checkpoints that cannot hurt, inputs that fail clearly."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 import torch
 
 from riftlab import (Batches, CheckpointError, RiftConfig, adversarial_set, build_model, evaluate, finetune_module,
                      interpolation_curve, load_checkpoint, module_robust_criticality, save_checkpoint)
 from riftlab.checkpoint import read_checkpoint
+from riftlab.engine.runner import FileState
 
-from conftest import REPO, riftlab_command, riftlab_commands
+from conftest import REPO, KillAfter, riftlab_command, riftlab_commands
 
-# A tiny AT run as a subprocess: killed with SIGKILL mid-way, then resumed.
-TRAIN_SCRIPT = """
-import sys, torch
-torch.set_num_threads(1)
-from riftlab import Batches, adversarial_train, build_model, load_dataset
-splits = load_dataset("synthetic-cifar10", synthetic_sizes=(700, 100), val_size=100)
-torch.manual_seed(0)
-model = build_model("resnet18", 10, 3, 32, 4)
-train = Batches(splits.train, 50, shuffle=True, augment=True, seed=3)
-val = Batches(splits.val, 100)
-adversarial_train(model, train, val, epochs=int(sys.argv[2]), lr=0.05, milestones=[4], attack_steps=2, step=4 / 255,
-                  eval_steps=2, seed=3, out_dir=sys.argv[1])
-print("finished")
-"""
+# A tiny AT run of the command line, as a subprocess: killed with SIGKILL mid-way, then resumed.
+TRAIN = ["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "700,100", "--val-size", "100", "--width", "4",
+         "--epochs", "6", "--milestones", "4", "--attack-steps", "2", "--attack-step", str(4 / 255), "--eval-steps", "2",
+         "--batch-size", "50", "--lr", "0.05", "--seed", "3", "--device", "cpu", "--no-progress"]
 
 
-def _train(out, epochs=6):
-    return subprocess.Popen([sys.executable, "-c", TRAIN_SCRIPT, str(out), str(epochs)], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _train(out, *extra):
+    return subprocess.Popen([sys.executable, "-m", "riftlab", *TRAIN, "--out", str(out), *extra], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def test_sigkilled_training_resumes_to_the_same_weights(tmp_path):
     full, victim = _train(tmp_path / "full"), _train(tmp_path / "killed")  # side by side: one thread each
-    last = tmp_path / "killed" / "last.pt"
+    progress = tmp_path / "killed" / "progress" / "at.pt"
     deadline = time.time() + 600
-    while not last.is_file() or read_checkpoint(last)["epoch"] < 1:  # let it finish two epochs, then kill mid-epoch
-        assert time.time() < deadline and victim.poll() is None
+    while not progress.is_file() or read_checkpoint(progress)["progress"]["next_epoch"] < 2:  # two epochs done, then kill mid-epoch
+        assert time.time() < deadline and victim.poll() is None, victim.stderr.read() if victim.poll() is not None else "timeout"
         time.sleep(0.2)
     time.sleep(0.5)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
-    killed_at = read_checkpoint(last)["epoch"]
-    assert killed_at < 5, "the run finished before it could be killed; the test proves nothing"
-    assert not list((tmp_path / "killed").glob("*.tmp"))  # atomic writes leave no debris
+    killed_at = read_checkpoint(progress)["progress"]["next_epoch"]
+    assert killed_at < 6 and not (tmp_path / "killed" / "at.pt").exists(), "the run finished before it could be killed"
+    assert not list((tmp_path / "killed").rglob("*.tmp"))  # atomic writes leave no debris
     assert full.wait(timeout=600) == 0, full.stderr.read()
-    resumed = _train(tmp_path / "killed")
+    refused = _train(tmp_path / "killed")
+    assert refused.wait(timeout=120) == 2 and "unfinished stage at" in refused.stderr.read()
+    resumed = _train(tmp_path / "killed", "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
-    a, b = read_checkpoint(tmp_path / "full" / "last.pt"), read_checkpoint(last)
+    a, b = read_checkpoint(tmp_path / "full" / "at.pt"), read_checkpoint(tmp_path / "killed" / "at.pt")
     assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
-    assert a["history"] == b["history"]
-    best_a, best_b = read_checkpoint(tmp_path / "full" / "best.pt"), read_checkpoint(tmp_path / "killed" / "best.pt")
-    assert all(torch.equal(best_a["model_state"][k], best_b["model_state"][k]) for k in best_a["model_state"])
+    assert (tmp_path / "full" / "at_history.csv").read_text() == (tmp_path / "killed" / "at_history.csv").read_text()
+    assert not progress.exists()  # a finished stage's progress is cleared
 
 
 def test_finetuning_resumes_to_the_same_weights(at_model, tiny_splits, tmp_path):
     train = Batches(tiny_splits.train.subset(256), 64, shuffle=True, augment=True, seed=0)
     val = Batches(tiny_splits.val, 250)
-    full = finetune_module(at_model, "layer2.1.conv2", train, val, epochs=3, lr=0.01, milestones=[2], out_dir=tmp_path / "a")
-    finetune_module(at_model, "layer2.1.conv2", train, val, epochs=1, lr=0.01, milestones=[2], out_dir=tmp_path / "b")
-    resumed = finetune_module(at_model, "layer2.1.conv2", train, val, epochs=3, lr=0.01, milestones=[2], out_dir=tmp_path / "b")
+    full = finetune_module(at_model, "layer2.1.conv2", train, val, epochs=3, lr=0.01, milestones=[2])
+    progress = FileState(tmp_path / "ft.pt")
+    finetune_module(at_model, "layer2.1.conv2", train, val, epochs=1, lr=0.01, milestones=[2], state=progress)
+    resumed = finetune_module(at_model, "layer2.1.conv2", train, val, epochs=3, lr=0.01, milestones=[2], state=progress)
     assert full.history == resumed.history and full.best_epoch == resumed.best_epoch
     assert all(torch.equal(v, resumed.model.state_dict()[k]) for k, v in full.model.state_dict().items())
+    assert [h["lr"] for h in full.history] == pytest.approx([0.01, 0.01, 0.01, 0.001])  # epoch 0 (the start), then as trained
 
 
 def test_sweeps_resume_from_partial_progress(at_model, tiny_splits, tmp_path):
     adv = adversarial_set(at_model, Batches(tiny_splits.train.subset(128), 64), 8 / 255, 2 / 255, 3)
     mods = ["conv1", "layer1.0.conv1", "linear"]
     whole = module_robust_criticality(at_model, adv, passes=1, modules=mods)
-    module_robust_criticality(at_model, adv, passes=1, modules=mods[:1], checkpoint_path=tmp_path / "m1.pt")
-    # A progress file of another sweep (other modules) is refused, not mixed in.
-    with pytest.raises(ValueError, match="other settings"):
-        module_robust_criticality(at_model, adv, passes=1, modules=mods, checkpoint_path=tmp_path / "m1.pt")
-    # Partial progress with the same settings: simulate a kill after one module.
-    state = read_checkpoint(tmp_path / "m1.pt")
-    full_settings = dict(state["settings"], modules=str(mods))
-    save_checkpoint(tmp_path / "m2.pt", {"settings": full_settings, "state": state["state"]})
-    resumed = module_robust_criticality(at_model, adv, passes=1, modules=mods, checkpoint_path=tmp_path / "m2.pt")
-    assert resumed.equals(whole)
+    killed = KillAfter(1)  # after the first module
+    with pytest.raises(KeyboardInterrupt):
+        module_robust_criticality(at_model, adv, passes=1, modules=mods, state=killed)
+    assert len(killed.load()["rows"]) == 1
+    assert module_robust_criticality(at_model, adv, passes=1, modules=mods, state=killed).equals(whole)
 
     val = Batches(tiny_splits.val, 125)
     theta = at_model.state_dict()
     other = {k: (v * 0.9 if v.is_floating_point() else v) for k, v in theta.items()}
     curve = interpolation_curve(at_model, theta, other, val, 8 / 255, 2 / 255, 2, alphas=(0.0, 0.5, 1.0))
-    partial = interpolation_curve(at_model, theta, other, val, 8 / 255, 2 / 255, 2, alphas=(0.0, 0.5, 1.0),
-                                  checkpoint_path=tmp_path / "i.pt")
-    assert partial.equals(curve)
-    saved = read_checkpoint(tmp_path / "i.pt")
-    save_checkpoint(tmp_path / "i2.pt", {"settings": saved["settings"], "state": {"rows": saved["state"]["rows"][:1]}})
-    assert interpolation_curve(at_model, theta, other, val, 8 / 255, 2 / 255, 2, alphas=(0.0, 0.5, 1.0),
-                               checkpoint_path=tmp_path / "i2.pt").equals(curve)
+    killed = KillAfter(1)
+    with pytest.raises(KeyboardInterrupt):
+        interpolation_curve(at_model, theta, other, val, 8 / 255, 2 / 255, 2, alphas=(0.0, 0.5, 1.0), state=killed)
+    assert len(killed.load()["rows"]) == 1
+    assert interpolation_curve(at_model, theta, other, val, 8 / 255, 2 / 255, 2, alphas=(0.0, 0.5, 1.0), state=killed).equals(curve)
 
-    ev = evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5)
-    evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5, checkpoint_path=tmp_path / "e.pt")
-    saved = read_checkpoint(tmp_path / "e.pt")
-    assert saved["state"]["batches"] == 2
-    # Rewind to after batch 1 (counts and generator state as they were then) by re-running one batch.
-    first = Batches(tiny_splits.val.subset(125, seed=0), 125)  # not the same data: only to check refusal below
-    with pytest.raises(ValueError, match="other settings"):
-        evaluate(at_model, first, 8 / 255, 2 / 255, 3, restarts=1, seed=5, checkpoint_path=tmp_path / "e.pt")
-    assert evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5, checkpoint_path=tmp_path / "e.pt") == ev
+
+def test_evaluation_resumes_from_a_genuinely_partial_file(at_model, tiny_splits, tmp_path):
+    """Killed after batch 1 of 3 (counts, per-image results and the attack's generator as they were then): the resumed
+    evaluation equals the uninterrupted one, random starts included."""
+    val = Batches(tiny_splits.val, 84)  # 250 images: batches of 84, 84, 82
+    whole = evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5, per_image=True)
+
+    class KillAfterFirstBatch(FileState):
+        def save(self, progress):
+            super().save(progress)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5, per_image=True, state=KillAfterFirstBatch(tmp_path / "e.pt"))
+    saved = FileState(tmp_path / "e.pt").load()
+    assert saved["batches"] == 1 and saved["total"] == 84 and len(saved["robust_masks"]) == 1
+    resumed = evaluate(at_model, val, 8 / 255, 2 / 255, 3, restarts=2, seed=5, per_image=True, state=FileState(tmp_path / "e.pt"))
+    assert {k: v for k, v in resumed.items() if not k.endswith("_correct")} == {k: v for k, v in whole.items() if not k.endswith("_correct")}
+    assert torch.equal(resumed["robust_correct"], whole["robust_correct"]) and torch.equal(resumed["clean_correct"], whole["clean_correct"])
+    # Progress saved with settings that differ is refused by name, never mixed in.
+    guarded = FileState(tmp_path / "g.pt", settings={"seed": 5, "steps": 3})
+    guarded.save({"batches": 1})
+    with pytest.raises(ValueError, match="steps=3, not steps=4"):
+        FileState(tmp_path / "g.pt", settings={"seed": 5, "steps": 4}).load()
 
 
 def test_evaluation_halves_batches_that_run_out_of_memory(at_model, tiny_splits):
@@ -156,17 +160,30 @@ def test_config_rejects_wrong_types_and_ranges():
 
 def test_run_directory_protects_finished_and_unfinished_work(tmp_path):
     out = tmp_path / "run"
-    (out / "at").mkdir(parents=True)
-    (out / "at" / "last.pt").write_bytes(b"")
-    # The refusals come before the data loads: CIFAR10 files that do not exist are never asked for.
+    out.mkdir()
+    # An unfinished AT stage, as a killed `riftlab rift --dataset cifar10 ...` leaves it.
+    from riftlab.cli import build_parser, config_from_args
+    from riftlab.engine.pipeline import RiftRun
+
     no_data = ["--dataset", "cifar10", "--data-root", str(tmp_path / "no-data"), "--out", str(out)]
-    rift, train = riftlab_commands(["rift", *no_data], ["train-at", *no_data])
-    assert rift.returncode == 2 and "holds an unfinished run; pass --resume" in rift.stderr
+    stage = RiftRun(config_from_args(build_parser().parse_args(["rift", *no_data])), out).at_stage()
+    record = {"status": "started", "started": "earlier", "params": stage.params, "inputs": {}}
+    (out / "riftlab.lock").write_text(json.dumps({"riftlab_lock": 1, "stages": {"at": record}}))
+    (out / "progress").mkdir()
+    (out / "progress" / "at.pt").write_bytes(b"progress")
+    # The refusals come before the data loads: CIFAR10 files that do not exist are never asked for.
+    rift, train, other = riftlab_commands(["rift", *no_data], ["train-at", *no_data], ["rift", *no_data, "--at-epochs", "20", "--resume"])
+    assert rift.returncode == 2 and "holds an unfinished stage at" in rift.stderr and "pass --resume" in rift.stderr
     assert train.returncode == 2 and "pass --resume to continue it or --overwrite" in train.stderr
-    (out / "config.json").write_text(json.dumps({"dataset": "synthetic-cifar100"}))
-    proc = riftlab_command("rift", *no_data, "--resume")
-    assert proc.returncode == 2 and "started with other settings" in proc.stderr and "dataset" in proc.stderr
-    assert (out / "at" / "last.pt").is_file()  # nothing was removed
+    assert other.returncode == 2 and "cannot reuse stage at" in other.stderr and "at_epochs: 110 there, 20 now" in other.stderr
+    assert (out / "progress" / "at.pt").read_bytes() == b"progress"  # nothing was removed
+    # A file the stage would write, with no record of who wrote it, is refused too.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "at.pt").write_bytes(b"someone else's")
+    proc = riftlab_command("rift", "--dataset", "cifar10", "--data-root", str(tmp_path / "no-data"), "--out", str(foreign))
+    assert proc.returncode == 2 and "has no record of the stage at" in proc.stderr and "--overwrite" in proc.stderr
+    assert (foreign / "at.pt").read_bytes() == b"someone else's"
 
 
 def test_empty_subset_and_bad_inputs_exit_cleanly(tmp_path):
@@ -192,26 +209,28 @@ def test_ctrl_c_stops_cleanly_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     args = ["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "1500,500", "--val-size", "250",
             "--model", "resnet18", "--width", "4", "--train-subset", "300",
-            "--val-subset", "100", "--test-subset", "100", "--epochs", "40", "--attack-steps", "1", "--batch-size", "50",
+            "--val-subset", "100", "--test-subset", "100", "--epochs", "8", "--attack-steps", "1", "--batch-size", "50",
             "--device", "cpu", "--no-progress", "--out", str(out)]
     # A shell that starts pytest in the background makes it ignore SIGINT, and a Python started with
     # SIGINT ignored never raises KeyboardInterrupt: give the child the default disposition back.
     proc = subprocess.Popen([sys.executable, "-m", "riftlab", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    last = out / "at" / "last.pt"
+    progress = out / "progress" / "at.pt"
     deadline = time.time() + 300
-    while not last.is_file():
+    while not progress.is_file():
         assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else "timeout"
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "interrupted" in err and "--resume" in err and "Traceback" not in err
-    epochs_done = read_checkpoint(last)["epoch"]
-    assert epochs_done < 39 and not (out / "at.pt").exists()  # stopped mid-run, nothing claims to be finished
+    epochs_done = read_checkpoint(progress)["progress"]["next_epoch"]
+    assert epochs_done < 8 and not (out / "at.pt").exists()  # stopped mid-run, nothing claims to be finished
     refused = riftlab_command(*args)
     assert refused.returncode == 2 and "pass --resume" in refused.stderr
-    shorter = [a if a != "40" else str(epochs_done + 3) for a in args]  # resume and finish a few epochs later
-    resumed = riftlab_command(*shorter, "--resume")
+    longer = [a if a != "8" else "9" for a in args]  # another schedule is another run: refused by name
+    mixed = riftlab_command(*longer, "--resume")
+    assert mixed.returncode == 2 and "at_epochs: 8 there, 9 now" in mixed.stderr
+    resumed = riftlab_command(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert read_checkpoint(last)["epoch"] == epochs_done + 2 and (out / "at.pt").is_file()
+    assert (out / "at.pt").is_file() and len(pd.read_csv(out / "at_history.csv")) == 8

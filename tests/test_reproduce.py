@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from riftlab.cli import main
-from riftlab.corruptions import CORRUPTIONS
+from riftlab.evaluation.corruptions import CORRUPTIONS
 from riftlab.paper import TABLE1
-from riftlab.reproduce import format_table1, reproduce_table1
+from riftlab.engine.reproduce import format_table1, reproduce_table1
 
 from test_data import CIFAR_N_TEST, write_cifar10
 
@@ -39,7 +39,19 @@ def test_table1_row_from_synthetic_data_over_two_seeds(tmp_path):
         assert at["ood"] == pytest.approx(pd.read_csv(tmp_path / f"seed-{seed}" / "ood-at.csv")["accuracy"].mean())
     # AutoAttack on the first 6 test images is never above PGD on the same images (AutoAttack is the stronger attack)
     assert (per_seed["aa"] <= per_seed["adv_aa_subset"] + 1e-9).all() and (per_seed["aa_examples"] == 6).all()
+    # RiFT's gain over AT: the mean of the per-seed paired differences, with the Student-t interval over the two seeds.
+    rift = table[table["source"].str.startswith("riftlab") & (table["method"] == "AT+RiFT")].iloc[0]
+    seeds = per_seed[per_seed["method"] == "AT+RiFT"]
+    for metric, kind in (("std", "clean"), ("adv", "robust")):
+        assert rift[f"{metric}_gain"] == pytest.approx(seeds[f"{kind}_diff"].mean())
+        assert rift[f"{metric}_gain_low"] <= rift[f"{metric}_gain"] <= rift[f"{metric}_gain_high"]
+    for seed in (0, 1):
+        results = json.loads((tmp_path / f"seed-{seed}" / "results.json").read_text())
+        row = seeds[seeds["seed"] == seed].iloc[0]
+        assert row["clean_diff"] == pytest.approx(results["test"]["difference"]["clean"]["diff"])
+    assert rift["gain_interval"] == "Student-t over 2 seeds"
     text = format_table1(table)
+    assert "AT+RiFT - AT: Std" in text and "Student-t over 2 seeds" in text
     assert "AutoAttack" in text
     assert "no ResNet18 row on synthetic-cifar10" in text and "on the fly" in text
 

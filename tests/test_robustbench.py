@@ -72,8 +72,9 @@ def test_cli_finetune_from_robustbench_then_interpolate_and_evaluate(model_dir, 
     assert main(["finetune", *small, "--robustbench", NAME, "--model-dir", str(model_dir), "--module", "layer2.1.conv2", "--epochs", "1"]) == 0
     meta = read_checkpoint(tmp_path / "ft.pt")["meta"]
     assert meta["robustbench"] == NAME and meta["threat_model"] == "Linf" and meta["module"] == "layer2.1.conv2"
-    assert not (tmp_path / "at.pt").exists()
-    # interpolate rebuilds the architecture from ft.pt's metadata and takes the AT weights from RobustBench's file
+    # The run's `at` stage holds RobustBench's weights as they were read (at.pt), recorded as coming from there.
+    assert read_checkpoint(tmp_path / "at.pt")["meta"]["source"].startswith(f"RobustBench {NAME}")
+    # interpolate rebuilds the architecture from ft.pt's metadata and takes the AT weights from the run's at.pt
     # (eps 0 keeps the 11-point curve cheap: only the loading paths are under test here).
     assert main(["interpolate", *small, "--eps", "0"]) == 0
     assert read_checkpoint(tmp_path / "rift.pt")["meta"]["robustbench"] == NAME
@@ -103,3 +104,34 @@ def test_missing_robustbench_says_what_to_install(monkeypatch, tmp_path, capsys)
         zoo.build_robustbench_model(NAME)
     assert main(["mrc", "--robustbench", NAME, "--profile", "demo", "--out", str(tmp_path)]) == 2
     assert "riftlab[robustbench]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_colab_path_chapter_7_from_a_robustbench_file_under_papermill(tmp_path):
+    """What a Colab session does: chapter 7's template starts from a RobustBench model (here a file of random weights in
+    RobustBench's layout, since nothing can be downloaded) and keeps its run under run_root (Google Drive there), where a
+    second execution resumes instead of starting over."""
+    papermill = pytest.importorskip("papermill")
+    from riftlab.zoo import build_robustbench_model, robustbench_model_path
+
+    name = "Addepalli2022Efficient_RN18"  # the template's default on a GPU with CIFAR-10
+    models = tmp_path / "models"
+    path = robustbench_model_path(name, "cifar10", "Linf", models)
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save({"state_dict": build_robustbench_model(name).state_dict()}, path)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    params = dict(profile="chapter7", dataset="synthetic-cifar10", robustbench=name, model_dir=str(models), run_root=str(tmp_path / "drive"),
+                  results_dir=str(tmp_path / "results"), train_subset=32, val_subset=16, test_subset=16, mrc_examples=16)
+    for attempt in ("first", "again"):
+        papermill.execute_notebook(str(root / "notebooks" / "06_rift_end_to_end.ipynb"), str(tmp_path / f"{attempt}.ipynb"),
+                                   parameters=params, cwd=str(root / "notebooks"), kernel_name="python3", progress_bar=False)
+    run = tmp_path / "drive" / "synthetic-cifar10-chapter7"
+    lock = json.loads((run / "riftlab.lock").read_text())["stages"]
+    assert lock["at"]["params"]["source"] == "robustbench" and lock["at"]["params"]["robustbench"] == name
+    assert all(lock[s]["status"] == "done" for s in ("at", "mrc", "finetune", "interpolate", "test"))
+    summary = json.loads((tmp_path / "results" / "synthetic-cifar10-chapter7.json").read_text())
+    assert summary["difference"]["test"]["clean"]["ci_low"] <= summary["difference"]["test"]["clean"]["diff"]
+    again = json.loads((tmp_path / "again.ipynb").read_text())
+    printed = "".join("".join(o.get("text", "")) for c in again["cells"] for o in c.get("outputs", []))
+    assert "interpolate: done earlier, reusing it" in printed  # the second session resumed from the run on "Drive"

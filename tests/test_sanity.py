@@ -9,7 +9,7 @@ from _tiny_models import ROUNDED, TINY, trained_tiny
 
 from riftlab import Batches, build_model, save_checkpoint
 from riftlab.cli import main
-from riftlab.sanity import autoattack_checks, gradient_masking_checks, is_flagged, warning_lines
+from riftlab.evaluation.sanity import autoattack_checks, gradient_masking_checks, is_flagged, warning_lines
 
 EPS, STEP = 8 / 255, 2 / 255
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from riftlab import Batches, ImageSet, compare, evaluate
-from riftlab.stats import clopper_pearson, format_difference, over_seeds, paired_difference, t_quantile
+from riftlab.evaluation.stats import clopper_pearson, format_difference, over_seeds, paired_difference, t_quantile
 
 
 def test_difference_counts_and_interval_on_hand_made_pairs():

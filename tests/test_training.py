@@ -1,51 +1,60 @@
 import pytest
 import torch
 
-from riftlab import Batches, adversarial_train
-from riftlab.checkpoint import read_checkpoint
+from riftlab import Batches, MemoryState, adversarial_train
+from riftlab.engine.runner import FileState
 
 from conftest import make_model
 
 
-def _run(splits, out, epochs, seed=0, eval_every=1):
+def _run(splits, epochs, seed=0, eval_every=1, state=None):
     model = make_model(splits, width=4)
     train = Batches(splits.train.subset(256), 64, shuffle=True, augment=True, seed=seed)
     val = Batches(splits.val.subset(128), 128)
     return adversarial_train(model, train, val, epochs=epochs, lr=0.05, milestones=[2], attack_steps=2, step=4 / 255,
-                             eval_steps=2, eval_every=eval_every, seed=seed, out_dir=out)
+                             eval_steps=2, eval_every=eval_every, seed=seed, state=state)
 
 
 def test_resumed_run_is_bit_identical_to_uninterrupted(tiny_splits, tmp_path):
-    full = _run(tiny_splits, tmp_path / "full", epochs=3)
-    _run(tiny_splits, tmp_path / "resumed", epochs=1)  # "crashes" after epoch 1
-    resumed = _run(tiny_splits, tmp_path / "resumed", epochs=3)
-    a = read_checkpoint(tmp_path / "full" / "last.pt")
-    b = read_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert all(torch.equal(a["model_state"][k], b["model_state"][k]) for k in a["model_state"])
+    full = _run(tiny_splits, epochs=3)
+    progress = FileState(tmp_path / "at.pt")  # what the run engine hands the step
+    _run(tiny_splits, epochs=1, state=progress)  # "crashes" after epoch 1
+    resumed = _run(tiny_splits, epochs=3, state=progress)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.history == resumed.history and full.best_epoch == resumed.best_epoch
-    assert b["epoch"] == 2 and len(b["history"]) == 3
+    saved = progress.load()
+    assert saved["next_epoch"] == 3 and len(saved["history"]) == 3
+    # Piecewise in memory: the same run again, epoch by epoch.
+    memory = MemoryState()
+    for epochs in (1, 2, 3):
+        piecewise = _run(tiny_splits, epochs=epochs, state=memory)
+    assert all(torch.equal(a[k], piecewise.model.state_dict()[k]) for k in a) and memory.saves == 3
 
 
-def test_best_validation_checkpoint_is_kept_and_loaded(tiny_splits, tmp_path):
-    result = _run(tiny_splits, tmp_path, epochs=3)
+def test_best_validation_checkpoint_is_kept_and_loaded(tiny_splits):
+    state = MemoryState()
+    result = _run(tiny_splits, epochs=3, state=state)
     robust = [h["val_robust_acc"] for h in result.history]
     assert result.best_epoch == 1 + max(range(3), key=lambda i: (robust[i], -i))
-    best = read_checkpoint(tmp_path / "best.pt")
-    assert best["meta"]["epoch"] == result.best_epoch
-    assert all(torch.equal(v, best["model_state"][k]) for k, v in result.model.state_dict().items())
+    saved = state.load()
+    assert saved["best_epoch"] == result.best_epoch
+    assert all(torch.equal(v, saved["best_state"][k]) for k, v in result.model.state_dict().items())
     assert {"train_loss", "train_robust_acc", "val_clean_acc", "val_robust_acc", "lr"} <= set(result.history[0])
-    assert [h["lr"] for h in result.history] == pytest.approx([0.05, 0.005, 0.005])
+    # The lr of each epoch is the one it trained with: 0.05 in epoch 1 and 2, x0.1 after the milestone at epoch 2.
+    assert [h["lr"] for h in result.history] == pytest.approx([0.05, 0.05, 0.005])
 
 
-def test_validating_every_second_epoch_picks_the_best_of_those(tiny_splits, tmp_path):
-    every = _run(tiny_splits, tmp_path / "every", epochs=3)
-    sparse = _run(tiny_splits, tmp_path / "sparse", epochs=3, eval_every=2)
+def test_validating_every_second_epoch_picks_the_best_of_those(tiny_splits):
+    every = _run(tiny_splits, epochs=3)
+    state = MemoryState()
+    sparse = _run(tiny_splits, epochs=3, eval_every=2, state=state)
     # Validation does not touch the training: the same weights, epoch after epoch.
     assert [h["train_loss"] for h in sparse.history] == [h["train_loss"] for h in every.history]
     assert ["val_robust_acc" in h for h in sparse.history] == [False, True, True]  # epoch 2, and the last
     assert [h["val_robust_acc"] for h in sparse.history[1:]] == [h["val_robust_acc"] for h in every.history[1:]]
     assert sparse.best_epoch == 2 + max(range(2), key=lambda i: (sparse.history[1 + i]["val_robust_acc"], -i))
-    assert read_checkpoint(tmp_path / "sparse" / "best.pt")["meta"]["epoch"] == sparse.best_epoch
+    assert state.load()["best_epoch"] == sparse.best_epoch
 
 
 def test_lr_milestones_from_the_config_and_the_command_line(tmp_path):
@@ -65,7 +74,7 @@ def test_lr_milestones_from_the_config_and_the_command_line(tmp_path):
     import pandas as pd
 
     history = pd.read_csv(out / "at_history.csv")
-    assert list(history["lr"]) == pytest.approx([0.01, 0.001, 0.001])  # lr after each epoch's scheduler step
+    assert list(history["lr"]) == pytest.approx([0.1, 0.01, 0.001])  # the lr each epoch trained with (drops after epochs 1 and 2)
     assert list(history["val_robust_acc"].isna()) == [True, False, False]
 
 
@@ -83,4 +92,4 @@ def test_nan_loss_stops_with_a_clear_message(tiny_splits, tmp_path):
     model = make_model(tiny_splits, width=4)
     train = Batches(tiny_splits.train.subset(128), 64, shuffle=True, seed=0)
     with pytest.raises(FloatingPointError, match="epoch 1.*Lower the learning rate"):
-        adversarial_train(model, train, None, epochs=2, lr=1e30, attack_steps=0, out_dir=tmp_path)
+        adversarial_train(model, train, None, epochs=2, lr=1e30, attack_steps=0, state=FileState(tmp_path / "at.pt"))

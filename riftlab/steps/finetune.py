@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import copy
-import os
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 
-from . import distributed
-from ._loop import EpochCheckpoint, LoopState, train_epoch
-from ._util import progress as _progress
-from .compute import compiled
-from .data import Batches
-from .evaluation import accuracy
-from .models import weight_modules
+from .. import distributed
+from ._loop import LoopState, epoch_line, nonfinite_error, train_epoch
+from .._progress import bar
+from ..resume import StepState, ensure_state
+from ..data import Batches
+from ..evaluation.robust import accuracy
+from ..models import weight_modules
 
 __all__ = ["finetune_module", "FinetuneResult", "get_weight_module"]
 
@@ -55,8 +55,7 @@ def finetune_module(
     weight_decay: float = 5e-4,
     milestones: list[int] | None = None,
     update_bn_stats: bool = False,
-    out_dir: str | os.PathLike | None = None,
-    resume: bool = True,
+    state: StepState | None = None,
     progress: bool = False,
     compile: bool = False,
 ) -> FinetuneResult:
@@ -76,8 +75,9 @@ def finetune_module(
     epoch 5, 10 epochs (batch size and crop/flip augmentation come from ``train``). The epoch with
     the best validation clean accuracy among epochs 1..``epochs`` is kept (never selected on test
     data). The starting point is not a candidate: the interpolation's alpha = 0 already is.
-    Without ``val`` the last epoch is kept. With ``out_dir``, every epoch is checkpointed
-    atomically and ``resume=True`` continues a killed run with the same result.
+    Without ``val`` the last epoch is kept. The history's ``lr`` is the learning rate each epoch
+    trained with. ``state`` (:mod:`riftlab.resume`) receives the loop's progress after every epoch;
+    a call whose state holds progress continues from it with the same result.
 
     ``compile=True`` trains through ``torch.compile``; under torchrun the copy is trained with
     DistributedDataParallel, each rank on its slice of every batch (with the default frozen
@@ -97,26 +97,31 @@ def finetune_module(
         weight.requires_grad_(True)
     opt = torch.optim.SGD(weights, lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones if milestones is not None else [max(1, epochs // 2)], gamma=0.1)
-    ckpt = EpochCheckpoint(out_dir, {"module": label})
-    loop = ckpt.restore(tuned, opt, sched) if resume else LoopState()
+    state = ensure_state(state)
+    loop = LoopState.resume(state, tuned, opt, sched)
     if val is not None and not loop.history:  # epoch 0 is the starting point, recorded but never selected
         loop.history.append({"epoch": 0, "lr": lr, "train_loss": None, "val_clean_acc": accuracy(tuned, val)})
-    fast = compiled(tuned, compile)
-    trainer = distributed.ddp(fast)
+    trainer, fast = distributed.for_training(tuned, compile)
     batches, _ = distributed.shard(train)
-    for epoch in _progress(range(loop.next_epoch, epochs), progress, desc=f"fine-tuning {label}", initial=loop.next_epoch, total=epochs):
+    for epoch in range(loop.next_epoch, epochs):
         tuned.train(update_bn_stats)
         batches.set_epoch(epoch)
-        stats = train_epoch(trainer, batches, opt)
-        sched.step()
-        if stats["first_bad_step"] >= 0:
-            raise ckpt.nonfinite_error("fine-tuning", stats["loss"], epoch, stats["first_bad_step"])
-        record = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"], "train_loss": stats["loss"]}
-        if val is not None:
-            record["val_clean_acc"] = accuracy(fast, val)
+        lr_used = opt.param_groups[0]["lr"]
+        started = time.perf_counter()
+        with bar(train.num_examples, f"fine-tuning {label} {epoch + 1}/{epochs}", progress, leave=False) as live:
+            stats = train_epoch(trainer, batches, opt, bar=live)
+            sched.step()
+            if stats["first_bad_step"] >= 0:
+                raise nonfinite_error("fine-tuning", stats["loss"], epoch, stats["first_bad_step"], state)
+            record = {"epoch": epoch + 1, "lr": lr_used, "train_loss": stats["loss"]}
+            if val is not None:
+                record["val_clean_acc"] = accuracy(fast, val)
+            live.write(epoch_line(f"fine-tuning {label}", record, epochs, time.perf_counter() - started))
         loop.history.append(record)
-        changed = loop.update_best(epoch + 1, record.get("val_clean_acc", epoch), tuned)
-        ckpt.save(tuned, opt, sched, epoch, loop, changed)
+        loop.update_best(epoch + 1, record.get("val_clean_acc", epoch), tuned)
+        loop.next_epoch = epoch + 1
+        state.save(loop.progress(tuned, opt, sched))
+    distributed.done_training(tuned)
     if val is not None and loop.best_state is not None:
         tuned.load_state_dict(loop.best_state)
     for weight in weights:

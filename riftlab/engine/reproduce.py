@@ -21,15 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import pandas as pd
-import torch
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint
-from .compute import to_device
-from .data import Batches, ImageSet, dataset_info
-from .ood import ood_accuracy
-from .paper import DATASETS, MODELS, TABLE1
-from .pipeline import PROFILES, RiftConfig, _write_csv, _write_json, build_for, prepare, run_rift
+from ..data import ImageSet, dataset_info
+from ..evaluation.ood import ood_accuracy
+from ..paper import DATASETS, MODELS, TABLE1
+from .config import PROFILES, RiftConfig, data_params
+from .pipeline import AtSource, RiftRun, eval_batches, evaluate_split
+from .runner import Stage, StageContext, state_digest, write_csv, write_json
 
 __all__ = ["reproduce_table1", "default_profile", "format_table1"]
 
@@ -80,61 +79,79 @@ def reproduce_table1(
     if not seeds:
         raise ValueError("give at least one seed")
     out = Path(out)
-    info = dataset_info(dataset)
+    dataset_info(dataset)  # an unknown dataset is the error to report, before any run
     rows = []
     for seed in seeds:
         cfg = RiftConfig(**{**PROFILES[profile], "dataset": dataset, "model": model, "seed": int(seed), **overrides})
         run_dir = out / f"seed-{seed}"
         log(f"seed {seed}: RiFT ({profile} profile) in {run_dir}")
-        results = run_rift(cfg, run_dir, resume=resume, overwrite=overwrite, log=log)
-        cfg = cfg.resolved()
-        splits, device = prepare(cfg)
+        run = RiftRun(cfg, run_dir, at=AtSource("train"), resume=resume, overwrite=overwrite, log=log)
+        results = run.run("test")["results"]
+        cfg = run.cfg
         ood = {}
         for method, tag in (("AT", "at"), ("AT+RiFT", "rift")):
-            net = build_for(cfg, splits)
-            load_checkpoint(net, run_dir / f"{tag}.pt")
-            net = to_device(net, device)
-            result = ood_accuracy(net, None if c_dir else splits.test, corruptions, severities, c_dir=c_dir,
-                                  dataset=dataset if c_dir else None, image_shape=(info.channels, info.image_size, info.image_size),
-                                  max_examples=ood_examples, subset_seed=cfg.seed, batch_size=cfg.eval_batch_size, seed=cfg.seed,
-                                  progress=cfg.progress, checkpoint_path=run_dir / "progress" / f"ood-{tag}.pt")
-            _write_csv(run_dir / f"ood-{tag}.csv", result.table)
-            ood[method] = result
+            net = run.load_model(f"{tag}.pt")
+            ood[method] = _ood_stage(run, net, tag, c_dir, corruptions, severities, ood_examples)
             test = results["test"][tag]
-            row = {"seed": seed, "method": method, "std": test["clean_acc"], "ood": result.mean, "adv": test["robust_acc"],
+            row = {"seed": seed, "method": method, "std": test["clean_acc"], "ood": ood[method]["mean"], "adv": test["robust_acc"],
                    "module": results["module"], "alpha": results["alpha"]}
             if autoattack_examples:
-                row.update(_autoattack_row(cfg, net, splits.test, device, run_dir / f"autoattack-{tag}", autoattack_examples))
+                row.update(_autoattack_stage(run, net, tag, autoattack_examples))
             rows.append(row)
-        summary = {m: ood[m].summary() for m in ood}
-        _write_json(run_dir / "ood.json", {"protocol": ood["AT"].protocol, "source": "published" if c_dir else "on-the-fly",
-                                           "severities": list(severities), **summary})
+        diff = results["test"]["difference"]
+        for row in rows[-2:]:
+            row.update({f"{kind}_diff": diff[kind]["diff"] for kind in ("clean", "robust")})
+            row.update({f"{kind}_diff_{end}": diff[kind][f"ci_{end}"] for kind in ("clean", "robust") for end in ("low", "high")})
+        write_json(run_dir / "ood.json", {"protocol": ood["AT"]["protocol"], "source": "published" if c_dir else "on-the-fly",
+                                          "severities": list(severities), **{m: ood[m] for m in ood}})
     per_seed = pd.DataFrame(rows)
-    _write_csv(out / "table1-seeds.csv", per_seed)
+    write_csv(out / "table1-seeds.csv", per_seed)
     table = _table(per_seed, model, dataset, profile, corruptions, bool(c_dir))
-    _write_csv(out / "table1.csv", table)
-    _write_json(out / "table1.json", {"model": model, "dataset": dataset, "profile": profile, "seeds": list(seeds),
+    write_csv(out / "table1.csv", table)
+    write_json(out / "table1.json", {"model": model, "dataset": dataset, "profile": profile, "seeds": list(seeds),
                                       "ood_source": "published" if c_dir else "on-the-fly", "corruptions": corruptions,
                                       "settings": {**PROFILES[profile], **overrides},
                                       "rows": json.loads(table.to_json(orient="records"))})
     return table
 
 
-def _autoattack_row(cfg: RiftConfig, net: nn.Module, test: ImageSet, device: torch.device, stem: Path, n: int) -> dict[str, float]:
-    """AutoAttack and PGD (same settings as ``adv``) on the first ``n`` test images; cached in ``stem-<n>.json``."""
-    from .autoattack import autoattack_accuracy
-    from .pipeline import evaluate_on_test
+def _ood_stage(run: RiftRun, net: nn.Module, tag: str, c_dir: str | os.PathLike | None, corruptions: str, severities: Sequence[int],
+               ood_examples: int | None) -> dict[str, Any]:
+    """OOD accuracy of ``tag``'s model as the stage ``ood/<tag>`` of the seed's run directory (fingerprinted by the model's weights)."""
+    cfg = run.cfg
+    splits, _ = run.data()
+    info = splits.info
+    params = {"model": state_digest(net.state_dict()), "source": str(c_dir) if c_dir else "on-the-fly", "corruptions": corruptions,
+              "severities": list(severities), "ood_examples": ood_examples, "subset_seed": cfg.seed, "seed": cfg.seed,
+              "batch_size": cfg.eval_batch_size, **data_params(cfg)}
 
-    cached = stem.with_name(f"{stem.name}-{n}.json")
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    first = ImageSet(test.images[:n], test.labels[:n])
-    aa = autoattack_accuracy(net, first.float().to(device), first.labels.to(device), cfg.eps, seed=cfg.seed,
-                             log_path=stem.with_suffix(".log"), batch_size=cfg.eval_batch_size)
-    pgd = evaluate_on_test(cfg, net, Batches(first, cfg.eval_batch_size, device=device))
-    row = {"aa": aa["robust_acc"], "adv_aa_subset": pgd["robust_acc"], "aa_examples": len(first)}
-    _write_json(cached, row)
-    return row
+    def compute(ctx: StageContext) -> dict[str, Any]:
+        result = ood_accuracy(net, None if c_dir else splits.test, corruptions, severities, c_dir=c_dir, dataset=cfg.dataset if c_dir else None,
+                              image_shape=(info.channels, info.image_size, info.image_size), max_examples=ood_examples,
+                              subset_seed=cfg.seed, batch_size=cfg.eval_batch_size, seed=cfg.seed, progress=cfg.progress, state=ctx.state)
+        ctx.write_csv(f"ood-{tag}.csv", result.table)
+        return {**result.summary(), "mean": result.mean}
+
+    return run.dir.run(Stage(f"ood/{tag}", params, compute, inputs=("test",), outputs=(f"ood-{tag}.csv",)))
+
+
+def _autoattack_stage(run: RiftRun, net: nn.Module, tag: str, n: int) -> dict[str, Any]:
+    """AutoAttack and PGD (the ``adv`` column's settings) on the first ``n`` test images: the stage ``autoattack/<tag>``."""
+    from ..evaluation.autoattack import autoattack_accuracy
+
+    cfg = run.cfg
+    splits, device = run.data()
+    params = {"model": state_digest(net.state_dict()), "n": n, "eps": cfg.eps, "seed": cfg.seed, "batch_size": cfg.eval_batch_size,
+              "eval_steps": cfg.eval_steps, "eval_restarts": cfg.eval_restarts, **data_params(cfg)}
+
+    def compute(ctx: StageContext) -> dict[str, Any]:
+        first = ImageSet(splits.test.images[:n], splits.test.labels[:n])
+        aa = autoattack_accuracy(net, first.float().to(device), first.labels.to(device), cfg.eps, seed=cfg.seed,
+                                 log_path=ctx.path(f"autoattack-{tag}.log"), batch_size=cfg.eval_batch_size)
+        pgd = evaluate_split(cfg, net, eval_batches(cfg, first, device), "test")
+        return {"aa": aa["robust_acc"], "adv_aa_subset": pgd["robust_acc"], "aa_examples": len(first)}
+
+    return run.dir.run(Stage(f"autoattack/{tag}", params, compute, inputs=("test",)))
 
 
 def _table(per_seed: pd.DataFrame, model: str, dataset: str, profile: str, corruptions: str, published: bool) -> pd.DataFrame:
@@ -152,11 +169,33 @@ def _table(per_seed: pd.DataFrame, model: str, dataset: str, profile: str, corru
         numbers = TABLE1.get((model, method), {}).get(dataset)
         if numbers is not None:
             paper_rows.append({"method": method, "source": "paper (3 seeds)", **dict(zip(_METRICS, numbers)), "seeds": 3})
+    gains = _gains(per_seed)
+    for col, value in gains.items():  # RiFT's gain over AT, with its interval, on the AT+RiFT row
+        table.loc[table["method"] == "AT+RiFT", col] = value
     table = pd.concat([table, pd.DataFrame(paper_rows)], ignore_index=True) if paper_rows else table
     table.insert(0, "dataset", DATASETS.get(dataset, dataset))
     table.insert(0, "model", MODELS.get(model, model))
     table["ood_protocol"] = f"{corruptions} ({'published -C set' if published else 'on the fly'})"
     return table
+
+
+def _gains(per_seed: pd.DataFrame) -> dict[str, Any]:
+    """AT+RiFT - AT in points for Std and Adv with a 95% interval: the paired interval on the test images with one
+    seed, the Student-t interval of the per-seed differences with several (``*_gain``, ``*_gain_low``, ``*_gain_high``)."""
+    from ..evaluation.stats import over_seeds
+
+    rift = per_seed[per_seed["method"] == "AT+RiFT"]
+    out: dict[str, Any] = {}
+    for metric, kind in (("std", "clean"), ("adv", "robust")):
+        if len(rift) == 1:
+            r = rift.iloc[0]
+            out.update({f"{metric}_gain": r[f"{kind}_diff"], f"{metric}_gain_low": r[f"{kind}_diff_low"],
+                        f"{metric}_gain_high": r[f"{kind}_diff_high"]})
+        else:
+            summary = over_seeds(list(rift[f"{kind}_diff"]), list(rift["seed"]))
+            out.update({f"{metric}_gain": summary["mean"], f"{metric}_gain_low": summary["ci_low"], f"{metric}_gain_high": summary["ci_high"]})
+    out["gain_interval"] = "paired, test images (1 seed)" if len(rift) == 1 else f"Student-t over {len(rift)} seeds"
+    return out
 
 
 def format_table1(table: pd.DataFrame) -> str:
@@ -171,6 +210,12 @@ def format_table1(table: pd.DataFrame) -> str:
         lines.append(f"{r['method']:9s} {r['source']:28s} " + " ".join(f"{c:>13s}" for c in cells))
     if not any(table["source"].str.startswith("paper")):
         lines.append(f"(the paper has no {table['model'].iloc[0]} row on {table['dataset'].iloc[0]})")
+    ours = table[(table["method"] == "AT+RiFT") & ~table["source"].str.startswith("paper")]
+    if len(ours) and "std_gain" in ours:
+        r = ours.iloc[0]
+        lines.append(f"AT+RiFT - AT: Std {r['std_gain']:+.2f} [{r['std_gain_low']:+.2f}, {r['std_gain_high']:+.2f}], "
+                     f"Adv {r['adv_gain']:+.2f} [{r['adv_gain_low']:+.2f}, {r['adv_gain_high']:+.2f}] points "
+                     f"(95% interval: {r['gain_interval']})")
     lines.append(f"OOD: {table['ood_protocol'].iloc[0]}")
     if "aa" in table:
         for _, r in table[table["aa"].notna()].iterrows():

@@ -45,8 +45,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import eval_mode
-from .evaluation import _robust_correct
+from ..attacks import eval_mode
+from ..compute import autocast
+from .robust import _robust_correct
 
 __all__ = ["CheckResult", "gradient_masking_checks", "autoattack_checks", "is_flagged", "warning_lines", "LARGE_EPS"]
 
@@ -169,8 +170,11 @@ def gradient_masking_checks(
 
     checks: list[CheckResult] = []
     with eval_mode(model):
-        with torch.no_grad():
-            clean = int(sum(int((model(x).argmax(1) == y).sum()) for x, y in data))
+        with torch.no_grad():  # the evaluation's own clean path (its precision, its batches), so that eps = 0 must equal it exactly
+            clean = 0
+            for x, y in data:
+                with autocast(x.device):
+                    clean += int((model(x).argmax(1) == y).sum())
 
         grid = sorted({min(1.0, f * eps) for f in eps_factors} | {large_eps})
         counts = {}

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn as nn
 
-from .attacks import eval_mode
+from ..attacks import eval_mode
 
 __all__ = ["autoattack_accuracy", "AUTOATTACK_VERSIONS"]
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attacks import eval_mode, pgd
-from .compute import autocast
-from .distributed import unwrap
+from ..attacks import eval_mode, pgd
+from ..compute import autocast, input_gradients_only, loss_scale
+from ..distributed import unwrap
 
 __all__ = ["AT_METHODS", "trades_loss", "mart_loss", "trades_attack", "at_objective"]
 
@@ -108,7 +108,8 @@ def trades_attack(
     noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     x_adv = torch.min(torch.max(x + 0.001 * noise, x - eps), x + eps).clamp_(0, 1)
     model = unwrap(model)
-    with eval_mode(model):
+    scale = loss_scale(x.device)  # fp16: keep small input gradients from underflowing (the sign is unchanged)
+    with eval_mode(model), input_gradients_only(model):
         with torch.no_grad(), autocast(x.device):
             log_p_clean = F.log_softmax(model(x).float(), dim=1)
         for _ in range(steps):
@@ -116,7 +117,7 @@ def trades_attack(
             with autocast(x.device):
                 log_p_adv = F.log_softmax(model(x_adv).float(), dim=1)
                 loss = F.kl_div(log_p_adv, log_p_clean, reduction="sum", log_target=True)
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            (grad,) = torch.autograd.grad(loss * scale if scale != 1.0 else loss, x_adv)
             with torch.no_grad():
                 x_adv = x_adv.detach() + step * grad.sign()
                 x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0, 1)
@@ -130,26 +131,32 @@ def at_objective(
     steps: int,
     beta: float = 6.0,
     generator: torch.Generator | None = None,
+    attacker: nn.Module | None = None,
 ) -> Objective:
     """The training loss of ``method`` as ``fn(model, x, y) -> (loss, adversarial logits)``.
 
     The adversarial example is crafted inside ``fn`` (BatchNorm in eval mode), then the loss is
     computed with the model in its current mode. The returned logits are those of x' (for the
-    training robust accuracy). ``beta`` is ignored by ``"pgd"``.
+    training robust accuracy). ``beta`` is ignored by ``"pgd"``. ``attacker``, when given, is the
+    network the attack runs through instead of ``model`` (the same weights: under torchrun and
+    ``--compile``, ``model`` is ``compile(DDP(net))`` for the update and ``attacker`` ``compile(net)``).
     """
     check_method(method, beta)
 
+    def attack_model(model: nn.Module) -> nn.Module:
+        return attacker if attacker is not None else model
+
     def pgd_at(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits_adv = model(pgd(model, x, y, eps, step, steps, generator=generator)).float()
+        logits_adv = model(pgd(attack_model(model), x, y, eps, step, steps, generator=generator)).float()
         return F.cross_entropy(logits_adv, y), logits_adv
 
     def trades(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_adv = trades_attack(model, x, eps, step, steps, generator=generator)
+        x_adv = trades_attack(attack_model(model), x, eps, step, steps, generator=generator)
         logits_clean, logits_adv = model(x).float(), model(x_adv).float()
         return trades_loss(logits_clean, logits_adv, y, beta), logits_adv
 
     def mart(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x_adv = pgd(model, x, y, eps, step, steps, generator=generator)
+        x_adv = pgd(attack_model(model), x, y, eps, step, steps, generator=generator)
         logits_clean, logits_adv = model(x).float(), model(x_adv).float()
         return mart_loss(logits_clean, logits_adv, y, beta), logits_adv
 

@@ -27,11 +27,11 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
-from ._loop import SweepProgress
-from ._util import progress as progress_bar
-from .attacks import eval_mode
+from .._progress import bar
+from ..resume import StepState, ensure_state
+from ..attacks import eval_mode
 from .corruptions import SEVERITIES, corrupt, resolve_corruptions
-from .data import DatasetNotFoundError, ImageSet, default_root, extract_archive, fetch_verified
+from ..data import DatasetNotFoundError, ImageSet, default_root, extract_archive, fetch_verified
 
 __all__ = [
     "CorruptedSetInfo",
@@ -410,7 +410,7 @@ def ood_accuracy(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = False,
-    checkpoint_path: str | os.PathLike | None = None,
+    state: StepState | None = None,
 ) -> OODResult:
     """Accuracy of ``model`` under each common corruption at each severity.
 
@@ -431,8 +431,8 @@ def ood_accuracy(
         seed: seed of the on-the-fly corruptions (batch b of every pair uses the same draws).
             The corrupted images depend on the seed, the batch size and the device.
         progress: show a progress bar over the pairs.
-        checkpoint_path: save the finished pairs there after each one; an existing file (written
-            with the same settings) resumes the sweep.
+        state: receives the finished pairs after each one (:mod:`riftlab.resume`); a call whose
+            state holds progress continues from it.
 
     Returns:
         An :class:`OODResult`: ``table`` (corruption, severity, accuracy in percent), ``mean``,
@@ -451,17 +451,15 @@ def ood_accuracy(
     clean = data.subset(max_examples, seed=subset_seed) if data is not None else None
     if clean is not None and len(clean) == 0:
         raise ValueError("the clean split is empty; nothing to corrupt")
-    sweep = SweepProgress(checkpoint_path, {"corruptions": ",".join(names), "severities": levels, "source": source,
-                                            "max_examples": max_examples, "subset_seed": subset_seed, "seed": seed,
-                                            "batch_size": batch_size, "n": len(clean) if clean is not None else "c"})
-    state = sweep.load()
-    done: dict[str, float] = dict(state.get("accuracy", {}))
-    n = int(state.get("n", len(clean) if clean is not None else 0))
+    keeper = ensure_state(state)
+    saved = keeper.load() or {}
+    done: dict[str, float] = dict(saved.get("accuracy", {}))
+    n = int(saved.get("n", len(clean) if clean is not None else 0))
     if clean is not None:
         images, labels = clean.images.to(device), clean.labels.to(device)
     pairs = [(c, s) for c in names for s in levels]
-    with eval_mode(model):
-        for corruption, severity in progress_bar(pairs, progress, desc="corruptions"):
+    with eval_mode(model), bar(len(pairs), "corruptions", progress, unit="pair", initial=len(done)) as live:
+        for corruption, severity in pairs:
             key = f"{corruption}/{severity}"
             if key in done:
                 continue
@@ -473,6 +471,7 @@ def ood_accuracy(
                 correct = _correct(model, images, labels, batch_size, corruption, severity, seed)
             n = len(labels)
             done[key] = 100.0 * float(correct) / n
-            sweep.save({"accuracy": done, "n": n})
+            keeper.save({"accuracy": done, "n": n})
+            live.update(1, lambda: {"last": key, "acc": done[key]})
     table = pd.DataFrame([{"corruption": c, "severity": s, "accuracy": done[f"{c}/{s}"]} for c, s in pairs])
     return OODResult(table, protocol, levels, source, n)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from typing import Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
 import torch.nn as nn
 
-from ._loop import SweepProgress
-from ._util import progress as _progress
-from .evaluation import evaluate
-from .stats import paired_difference
+from .._progress import bar
+from ..evaluation.robust import evaluate
+from ..resume import StepState, ensure_state
+from ..evaluation.stats import paired_difference
 
 __all__ = ["interpolate", "interpolation_curve", "select_alpha", "DEFAULT_ALPHAS"]
 
@@ -53,9 +52,10 @@ def interpolation_curve(
     restarts: int = 1,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     seed: int = 0,
-    checkpoint_path: str | os.PathLike | None = None,
+    state: StepState | None = None,
     progress: bool = False,
-) -> pd.DataFrame:
+    per_image: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, list[dict[str, torch.Tensor]]]:
     """Clean and PGD robust accuracy of theta(alpha) for every alpha, on ``batches``.
 
     ``model`` supplies the architecture; its weights are restored afterwards. Every alpha is
@@ -66,20 +66,26 @@ def interpolation_curve(
     (:func:`riftlab.stats.paired_difference`): ``clean_change``, ``clean_change_low``,
     ``clean_change_high``, ``robust_change``, ``robust_change_low``, ``robust_change_high`` (points),
     so the noise the selection rule works against is visible.
-    With ``checkpoint_path`` the rows are saved after each alpha and an existing file resumes.
+    ``per_image=True`` returns ``(curve, masks)``: for each alpha, ``{"clean": ..., "robust": ...}``
+    boolean CPU tensors (N,), each image's result in the order of ``batches``.
+    ``state`` (:mod:`riftlab.resume`) receives the rows after each alpha, and the evaluation of
+    the alpha in progress its own progress after each batch (``state.child("alpha-<i>")``).
     """
-    sweep = SweepProgress(checkpoint_path, {"alphas": list(alphas), "eps": eps, "step": step, "steps": attack_steps,
-                                            "restarts": restarts, "seed": seed, "per_image": True})
-    saved = sweep.load()
+    state = ensure_state(state)
+    saved = state.load() or {}
     rows, masks = list(saved.get("rows", [])), list(saved.get("masks", []))
     original = {k: v.detach().clone() for k, v in model.state_dict().items()}
     try:
-        for alpha in _progress(list(alphas)[len(rows):], progress, desc="interpolation", initial=len(rows), total=len(alphas)):
-            model.load_state_dict(interpolate(theta_at, theta_ft, float(alpha)))
-            result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed, per_image=True)
-            rows.append({"alpha": float(alpha), "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"]})
-            masks.append({"clean": result["clean_correct"], "robust": result["robust_correct"]})
-            sweep.save({"rows": rows, "masks": masks})
+        with bar(len(alphas), "interpolation curve", progress, unit="alpha", initial=len(rows)) as live:
+            for alpha in list(alphas)[len(rows):]:
+                model.load_state_dict(interpolate(theta_at, theta_ft, float(alpha)))
+                point = state.child(f"alpha-{len(rows)}")  # one per point: a finished point's leftovers are never read again
+                result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed, per_image=True, state=point, progress=progress)
+                rows.append({"alpha": float(alpha), "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"]})
+                masks.append({"clean": result["clean_correct"], "robust": result["robust_correct"]})
+                state.save({"rows": rows, "masks": masks})
+                point.clear()
+                live.update(1, lambda: {"alpha": rows[-1]["alpha"], "clean": rows[-1]["clean_acc"], "robust": rows[-1]["robust_acc"]})
     finally:
         model.load_state_dict(original)
     curve = pd.DataFrame(rows)
@@ -90,7 +96,7 @@ def interpolation_curve(
             curve[f"{kind}_change"] = [d["diff"] for d in diffs]
             curve[f"{kind}_change_low"] = [d["ci_low"] for d in diffs]
             curve[f"{kind}_change_high"] = [d["ci_high"] for d in diffs]
-    return curve
+    return (curve, masks) if per_image else curve
 
 
 def select_alpha(curve: pd.DataFrame, threshold: float = 0.1) -> dict[str, float]:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
 
-from . import distributed
-from ._loop import SweepProgress
-from .attacks import _ascend, eval_mode, random_start_point
-from .compute import autocast
+from .. import distributed
+from ..attacks import _ascend, eval_mode, random_start_point
+from .._progress import bar
+from ..compute import autocast
+from ..resume import StepState, ensure_state
 
 __all__ = ["evaluate", "accuracy", "compare"]
 
@@ -42,8 +41,9 @@ def evaluate(
     steps: int = 10,
     restarts: int = 1,
     seed: int = 0,
-    checkpoint_path: str | os.PathLike | None = None,
     per_image: bool = False,
+    state: StepState | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Clean accuracy and PGD-``steps`` robust accuracy, worst case over ``restarts`` random starts.
 
@@ -59,12 +59,12 @@ def evaluate(
 
     A batch that does not fit in GPU memory is evaluated in halves (the same attack; the halves draw
     their own random starts).
-    With ``checkpoint_path``, the counts (and per-image results) and the attack's random state are
-    saved after every batch and an existing file resumes the evaluation.
+    ``state`` (:mod:`riftlab.resume`) receives the counts (and per-image results) and the attack's
+    random state after every batch; a call whose state holds progress continues from it.
 
     Under torchrun, each rank attacks its slice of every batch (random starts drawn from
-    ``seed`` and the rank) and the counts are summed over the ranks; ``checkpoint_path`` is then
-    not used (a rank's partial counts mean nothing alone).
+    ``seed`` and the rank) and the counts are summed over the ranks; ``state`` is then not used
+    (a rank's partial counts mean nothing alone).
     """
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
@@ -73,21 +73,22 @@ def evaluate(
     model = distributed.unwrap(model)
     batches, sharded = distributed.shard(batches)
     if sharded:
-        checkpoint_path = None
+        state = None
         seed = seed + 1_000_003 * distributed.rank()
-    progress = SweepProgress(checkpoint_path, {"eps": eps, "step": step, "steps": steps, "restarts": restarts, "seed": seed,
-                                               "per_image": per_image})
-    state = progress.load()
-    done = state.get("batches", 0)
-    counts = {k: state.get(k, 0) for k in ("clean", "robust", "total")}
-    masks: dict[str, list[torch.Tensor]] = {k: list(state.get(k + "_masks", [])) for k in ("clean", "robust")}
+    keeper = ensure_state(state)
+    saved = keeper.load() or {}
+    done = saved.get("batches", 0)
+    counts = {k: saved.get(k, 0) for k in ("clean", "robust", "total")}
+    masks: dict[str, list[torch.Tensor]] = {k: list(saved.get(k + "_masks", [])) for k in ("clean", "robust")}
     gen = None
-    with eval_mode(model):
+    total_images = getattr(batches, "num_examples", 0)
+    with eval_mode(model), bar(total_images, f"PGD-{steps} evaluation", progress and total_images > 0, leave=False,
+                               initial=counts["total"]) as live:
         for i, (x, y) in enumerate(batches):
             if gen is None:
                 gen = torch.Generator(device=x.device).manual_seed(seed)
-                if "generator" in state:
-                    gen.set_state(state["generator"])
+                if "generator" in saved:
+                    gen.set_state(saved["generator"])
             if i < done:
                 continue
             clean, robust = _evaluate_batch(model, x, y, eps, step, steps, restarts, gen)
@@ -97,11 +98,12 @@ def evaluate(
             if per_image:
                 masks["clean"].append(clean.cpu())
                 masks["robust"].append(robust.cpu())
-            if checkpoint_path is not None:
-                saved = {"batches": i + 1, **counts, "generator": gen.get_state()}
-                if per_image:
-                    saved.update(clean_masks=masks["clean"], robust_masks=masks["robust"])
-                progress.save(saved)
+            snapshot = {"batches": i + 1, **counts, "generator": gen.get_state()}
+            if per_image:
+                snapshot.update(clean_masks=masks["clean"], robust_masks=masks["robust"])
+            keeper.save(snapshot)
+            live.update(len(y) * (distributed.world_size() if sharded else 1),
+                        lambda: {"clean": 100.0 * counts["clean"] / max(counts["total"], 1), "robust": 100.0 * counts["robust"] / max(counts["total"], 1)})
     if sharded:
         summed = torch.tensor([counts["clean"], counts["robust"], counts["total"]], device=next(model.parameters()).device)
         distributed.all_reduce_sum(summed)
@@ -127,7 +129,8 @@ def compare(
     steps: int = 10,
     restarts: int = 1,
     seed: int = 0,
-    checkpoint_path: str | os.PathLike | None = None,
+    state: StepState | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Evaluate two models on the same images with the same per-image random starts, and compare them.
 
@@ -137,8 +140,8 @@ def compare(
     conditional 95% interval of :func:`riftlab.stats.paired_difference` (Clopper-Pearson on the
     discordant images, McNemar) and the counts of images gained and lost.
 
-    With ``checkpoint_path`` (a file stem), each model's evaluation resumes from
-    ``<stem>-a.pt`` / ``<stem>-b.pt``.
+    ``state`` (:mod:`riftlab.resume`): each model's evaluation keeps its progress in
+    ``state.child("a")`` / ``state.child("b")``.
 
     Returns:
         ``{"clean": paired difference, "robust": paired difference, "a": evaluate(A), "b": evaluate(B)}``;
@@ -146,11 +149,9 @@ def compare(
     """
     from .stats import paired_difference
 
-    def path(tag: str) -> Path | None:
-        return None if checkpoint_path is None else Path(f"{checkpoint_path}-{tag}.pt")
-
-    a = evaluate(model_a, batches, eps, step, steps, restarts, seed, checkpoint_path=path("a"), per_image=True)
-    b = evaluate(model_b, batches, eps, step, steps, restarts, seed, checkpoint_path=path("b"), per_image=True)
+    state = ensure_state(state)
+    a = evaluate(model_a, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("a"), progress=progress)
+    b = evaluate(model_b, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("b"), progress=progress)
     return {"clean": paired_difference(a["clean_correct"], b["clean_correct"]),
             "robust": paired_difference(a["robust_correct"], b["robust_correct"]), "a": a, "b": b}
 
@@ -168,13 +169,30 @@ def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
     alive = clean.clone()
     for _ in range(restarts):
         starts = random_start_point(x, eps, gen)
+        if eps == 0:
+            continue  # no perturbation can change a prediction: robust is clean, exactly (not re-evaluated on another batch)
         idx = alive.nonzero().squeeze(1)  # one host sync per restart: the attacked batch's size
         if len(idx) == 0:
             continue  # still draw the remaining starts, so later batches keep theirs
+        live = len(idx)
+        if x.is_cuda:  # a few fixed batch shapes, so cudnn.benchmark tunes each once: pad with images already lost
+            idx = _bucketed(idx, alive, len(y))
         x_adv = _ascend(model, x[idx], y[idx], starts[idx], eps, step, steps)
         with torch.no_grad(), autocast(x.device):
-            alive[idx] = model(x_adv).argmax(1) == y[idx]
+            alive[idx[:live]] = (model(x_adv).argmax(1) == y[idx])[:live]
     return clean, alive
+
+
+def _bucketed(idx: torch.Tensor, alive: torch.Tensor, n: int, buckets: int = 8) -> torch.Tensor:
+    """``idx`` (the images still correct) followed by images already lost, up to the next multiple of n / ``buckets``.
+
+    Each image is attacked independently (BatchNorm in eval mode), so the padding changes no result;
+    it only keeps the attacked batch to ``buckets`` shapes instead of up to ``n``."""
+    size = min(n, -(-len(idx) * buckets // n) * -(-n // buckets))
+    if size <= len(idx):
+        return idx
+    lost = (~alive).nonzero().squeeze(1)[: size - len(idx)]
+    return torch.cat([idx, lost])
 
 
 def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, steps: int, restarts: int,

@@ -1,0 +1,96 @@
+"""The scale study's committed results are tied to the code: the checkpoints still give the stored numbers, every
+reported difference is what the stored counts give, and the study script itself runs end to end (at tiny sizes)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from riftlab import book
+from riftlab.evaluation.stats import over_seeds, paired_difference
+
+from conftest import REPO
+
+STUDY = REPO / "results" / "scale_study" / "study.json"
+
+
+@pytest.fixture(scope="module")
+def study():
+    assert STUDY.is_file(), f"{STUDY} is missing: the book's intro and 'RiFT at scale' load it (benchmarks/scale_study.py summarize)"
+    return book.study_results(STUDY)
+
+
+def _pairs(gained: int, lost: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two per-image results with exactly these discordant counts (the concordant images split arbitrarily)."""
+    a = torch.zeros(n, dtype=torch.bool)
+    b = torch.zeros(n, dtype=torch.bool)
+    b[:gained] = True
+    a[gained:gained + lost] = True
+    return a, b
+
+
+def test_every_reported_difference_is_what_its_counts_give(study):
+    runs = list(study["trend"]) + list(study["headline"]["runs"] if study["headline"] else [])
+    assert runs
+    for run in runs:
+        test = run["test"]
+        for kind in ("clean", "robust"):
+            d = test["difference"][kind]
+            assert d["diff"] == pytest.approx(test["rift"][f"{kind}_acc"] - test["at"][f"{kind}_acc"], abs=1e-9)
+            again = paired_difference(*_pairs(d["gained"], d["lost"], d["n"]))
+            assert (again["diff"], again["ci_low"], again["ci_high"]) == pytest.approx((d["diff"], d["ci_low"], d["ci_high"]), abs=1e-9)
+            assert d["ci_low"] <= d["diff"] <= d["ci_high"] and d["n"] == 10000  # the full Fashion-MNIST test split
+        for row in run["variants"]:
+            for kind in ("clean", "robust"):
+                assert row[f"test_{kind}_ci_low"] <= row[f"test_{kind}_change"] <= row[f"test_{kind}_ci_high"]
+                again = paired_difference(*_pairs(row[f"test_{kind}_gained"], row[f"test_{kind}_lost"], 10000))
+                assert again["ci_low"] == pytest.approx(row[f"test_{kind}_ci_low"], abs=1e-9)
+
+
+def test_the_headline_follows_its_rule_and_its_seeds(study):
+    block = study["headline"]
+    assert block is not None and block["pick"]["rule"]
+    if len(block["runs"]) == 3:
+        seeds = [r["seed"] for r in block["runs"]]
+        assert seeds == [0, 1, 2]
+        if block["pick"]["setting"] == "rift":
+            for kind in ("clean", "robust"):
+                again = over_seeds([r["test"]["difference"][kind]["diff"] for r in block["runs"]], seeds)
+                assert again["mean"] == pytest.approx(block["over_seeds"][kind]["mean"])
+                assert again["ci_low"] == pytest.approx(block["over_seeds"][kind]["ci_low"])
+    winners = [c for c in book.study_variants(study)["verdict"] if c.startswith("gain (")]
+    assert ("no configuration wins" in block["pick"]["rule"]) == (not winners)
+
+
+def test_provenance_names_commands_commit_machine_and_wall_times(study):
+    provenance = study["provenance"]
+    assert provenance["runs"] and all(len(r["commit"]) == 40 and r["machine"]["cpu"] for r in provenance["runs"])
+    assert provenance["threads_per_job"] >= 1
+    for run in study["trend"]:
+        assert run["commands"][run["name"]][:2] == ["riftlab", "rift"] and "--profile" in run["commands"][run["name"]]
+        assert run["wall_s"][run["name"]] > 0
+
+
+@pytest.mark.slow
+def test_committed_checkpoints_still_give_the_stored_numbers(study):
+    """The headline AT and fine-tuned weights (fp16, committed) re-evaluated on the first test images with the stored
+    attack must give the stored numbers, within 2 images (another CPU may round an image or two differently)."""
+    table = book.study_tie_check(study)
+    assert len(table) == 4 and table["agrees (within 2 images)"].all(), table.to_string()
+
+
+@pytest.mark.slow
+def test_the_study_script_runs_end_to_end_at_tiny_sizes(tmp_path):
+    root, out = tmp_path / "runs", tmp_path / "results"
+    for args in (["run", "--jobs", "2"], ["summarize", "--out", str(out), "--tie-images", "50"]):
+        proc = subprocess.run([sys.executable, "benchmarks/scale_study.py", *args, "--smoke", "--root", str(root)], cwd=REPO,
+                              capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "study.json").read_text())
+    assert [r["width"] for r in summary["trend"]] == [4, 8] and len(summary["headline"]["runs"]) == 3
+    assert summary["checkpoints"]["tie_check"]["images"] == 50 and (out / "checkpoints").is_dir()
+    loaded = book.study_results(out / "study.json")
+    assert book.study_tie_check(loaded)["agrees (within 2 images)"].all()
+    assert len(book.study_trend(loaded)) == 2 and book.study_summary_sentence(loaded).endswith(".")
