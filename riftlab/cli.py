@@ -619,9 +619,16 @@ def _compare(args: argparse.Namespace, out: Path) -> int:
 
         first = ImageSet(images.images[:autoattack], images.labels[:autoattack])
         x, y = first.float().to(device), first.labels.to(device)
-        runs = {tag: autoattack_accuracy(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.eval_batch_size, per_image=True,
-                                         log_path=out / f"autoattack-{Path(path).stem}-{args.split}.log")
-                for tag, model, path in (("a", model_a, a_path), ("b", model_b, b_path))}
+        import torch
+
+        same = all(torch.equal(v, model_b.state_dict()[k]) for k, v in model_a.state_dict().items())
+        runs = {}
+        for tag, model, path in (("a", model_a, a_path), ("b", model_b, b_path)):
+            if tag == "b" and same:  # the same weights (RiFT chose alpha 0): the same seeded attack gives the same result
+                runs["b"] = dict(runs["a"], identical_to_a=True)
+                continue
+            runs[tag] = autoattack_accuracy(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.eval_batch_size, per_image=True,
+                                            log_path=out / f"autoattack-{Path(path).stem}-{args.split}.log")
         report["autoattack"] = {"n": len(first), "a": without_masks(runs["a"]), "b": without_masks(runs["b"]),
                                 "robust": paired_difference(runs["a"]["robust_correct"], runs["b"]["robust_correct"])}
     name = f"compare-{Path(a_path).stem}-{Path(b_path).stem}-{args.split}.json"
