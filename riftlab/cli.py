@@ -773,6 +773,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still reach stderr
     try:
+        if distributed.launched():  # join the process group first: the run directory's checks wait for every rank
+            distributed.setup(getattr(args, "device", None) or "auto")
         code = COMMANDS[args.command].run(args)
         distributed.teardown()
         return code

@@ -76,5 +76,5 @@ def test_demo_pipeline_selects_on_validation_and_reports_paired_differences(tmp_
     assert results["finetune_relative_change"] > 0
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["alpha"] == results["alpha"] and saved["dataset"]["synthetic"] is True
-    for name in ("at.pt", "ft.pt", "rift.pt", "finetune.csv", "at_history.csv", "config.json", "test_correct.pt"):
+    for name in ("at.pt", "ft.pt", "rift.pt", "finetune.csv", "at_history.csv", "riftlab.lock", "test_correct.pt"):
         assert (tmp_path / name).is_file()
