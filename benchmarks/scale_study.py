@@ -17,7 +17,8 @@ standard AutoAttack on the first 1000 test images beside PGD-10.
 Every job is one ``riftlab`` command (``rift``, ``ablate`` or ``compare``) with ``--resume``; its
 log is ``<root>/logs/<job>.log`` and its record (command, start, end, wall time, exit code) is in
 ``<root>/jobs.json``. Kill the runner at any time and start it again: finished jobs are skipped and
-an interrupted one continues from its last saved epoch, module, alpha or batch.
+an interrupted one continues from its last saved epoch, module, alpha or batch. A job that a stopped runner left
+running (its pid is in ``<root>/logs/<job>.pid``) is waited for, never started twice.
 """
 
 from __future__ import annotations
@@ -241,9 +242,10 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
     failed: set[str] = set()
+    adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
     while True:
         core, extra = phase1(root, big)
-        jobs = core if phase in ("1", "all") else []
+        jobs = list(core) if phase in ("1", "all") else []  # a copy: phase 2's jobs must not join `core`
         # once chosen the headline stays (variants that finish later cannot move it)
         pick = (ledger.get("_headline") or headline(root, big)) if phase in ("2", "all") else None
         if pick is not None:
@@ -268,8 +270,22 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
             print(f"{time.strftime('%H:%M:%S')} {name}: exit {proc.returncode} after {wall / 60:.1f} min", flush=True)
             if proc.returncode != 0:
                 failed.add(name)
+            _pid_file(root, job).unlink(missing_ok=True)
             del running[name]
-        waiting = [j for j in jobs if j.name not in done and j.name not in running and j.name not in failed]
+        elsewhere = {j.name for j in jobs if j.name not in running and _alive(_pid_file(root, j))}  # an earlier runner's child
+        for job in [j for j in jobs if j.name in adopted and j.name not in elsewhere]:  # it ended: record it as the runner would
+            started = adopted.pop(job.name)
+            wall = time.time() - started
+            ledger[job.name] = {"command": ["riftlab", *job.args], "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                                "wall_s": round(wall, 1), "returncode": 0 if job.done_file.is_file() else None,
+                                "wall_s_total": round(ledger.get(job.name, {}).get("wall_s_total", 0.0) + wall, 1),
+                                "note": "started by an earlier runner; wall time from its pid file to when this runner saw it end"}
+            _write_json(ledger_path, ledger)
+            _pid_file(root, job).unlink(missing_ok=True)
+            print(f"{time.strftime('%H:%M:%S')} {job.name}: ended (started by an earlier runner) after {wall / 60:.1f} min", flush=True)
+        for name in elsewhere - adopted.keys():
+            adopted[name] = _pid_file(root, next(j for j in jobs if j.name == name)).stat().st_mtime
+        waiting = [j for j in jobs if j.name not in done and j.name not in running and j.name not in failed and j.name not in elsewhere]
         ready = [j for j in waiting if all(d in done for d in j.deps)]
         while ready and len(running) < parallel:
             job = ready.pop(0)
@@ -278,7 +294,11 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
             log.flush()
             proc = subprocess.Popen([sys.executable, "-m", "riftlab", *job.args], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[job.name] = (proc, job, time.time())
+            _pid_file(root, job).write_text(str(proc.pid))
             print(f"{time.strftime('%H:%M:%S')} {job.name}: started", flush=True)
+        if not running and elsewhere:  # the runner was restarted while a job it started still runs: wait for it
+            time.sleep(5)
+            continue
         if not running:
             blocked = [j.name for j in waiting]
             if failed:
@@ -295,10 +315,24 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
         time.sleep(5)
 
 
+def _pid_file(root: Path, job: Job) -> Path:
+    return root / "logs" / f"{job.name.replace(':', '_')}.pid"
+
+
+def _alive(pid_file: Path) -> bool:
+    """Whether the process a pid file names still runs (a job left running by a runner that was stopped)."""
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return Path(f"/proc/{pid}/cmdline").is_file() and b"riftlab" in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def status(root: Path, big: bool) -> None:
     ledger = _read(root / "jobs.json") or {}
     core, extra = phase1(root, big)
-    jobs = core
+    jobs = list(core)
     pick = ledger.get("_headline") or headline(root, big)
     if pick is not None:
         jobs += phase2(root, pick)
