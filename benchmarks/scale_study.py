@@ -287,7 +287,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
             adopted[name] = _pid_file(root, next(j for j in jobs if j.name == name)).stat().st_mtime
         waiting = [j for j in jobs if j.name not in done and j.name not in running and j.name not in failed and j.name not in elsewhere]
         ready = [j for j in waiting if all(d in done for d in j.deps)]
-        while ready and len(running) < parallel:
+        while ready and len(running) + len(elsewhere) < parallel:
             job = ready.pop(0)
             log = open(root / "logs" / f"{job.name.replace(':', '_')}.log", "a")
             log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} riftlab {' '.join(job.args)}\n")
