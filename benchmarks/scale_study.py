@@ -496,12 +496,15 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
     torch.set_num_threads(1)
     result = compare(model(states["at"]), model(interpolate(states["at"], states["ft"], results["alpha"])), Batches(first, 256),
                      cfg["eps"], cfg["step"], cfg["eval_steps"], 1, seed=12345)
+    tuned = compare(model(states["at"]), model(states["ft"]), Batches(first, 256), cfg["eps"], cfg["step"], cfg["eval_steps"], 1,
+                    seed=12345)["b"]  # the fine-tuned weights themselves: tied to the code even where the chosen alpha is 0
     summary["checkpoints"] = {"files": {"at": f"checkpoints/{name}-at.pt", "ft": f"checkpoints/{name}-ft.pt"}, "alpha": results["alpha"],
                               "module": results["module"], "config": {k: cfg[k] for k in ("dataset", "model", "width", "val_size", "train_subset",
                                                                                           "eps", "step", "eval_steps")},
                               "tie_check": {"images": tie_images, "restarts": 1, "seed": 12345, "batch": 256,
                                             "at": {k: result["a"][k] for k in ("clean_acc", "robust_acc")},
-                                            "rift": {k: result["b"][k] for k in ("clean_acc", "robust_acc")}}}
+                                            "rift": {k: result["b"][k] for k in ("clean_acc", "robust_acc")},
+                                            "ft": {k: tuned[k] for k in ("clean_acc", "robust_acc")}}}
 
 
 def main() -> int:

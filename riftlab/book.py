@@ -792,12 +792,18 @@ def study_tie_check(study: Mapping[str, Any], tolerance_images: int = 2) -> pd.D
     try:
         result = compare(model(states["at"]), model(interpolate(states["at"], states["ft"], ck["alpha"])), Batches(first, tie["batch"]),
                          cfg["eps"], cfg["step"], cfg["eval_steps"], tie["restarts"], seed=tie["seed"])
+        measured = {"at": result["a"], "rift": result["b"]}
+        if "ft" in tie:  # the fine-tuned weights themselves (alpha 1): checked even where the chosen alpha is 0
+            measured["ft"] = compare(model(states["at"]), model(states["ft"]), Batches(first, tie["batch"]), cfg["eps"], cfg["step"],
+                                     cfg["eval_steps"], tie["restarts"], seed=tie["seed"])["b"]
     finally:
         torch.set_num_threads(threads)
     rows = []
-    for tag, key in (("AT", "a"), ("AT+RiFT", "b")):
+    for tag, key in (("AT", "at"), ("AT+RiFT", "rift"), ("fine-tuned (alpha 1)", "ft")):
+        if key not in measured:
+            continue
         for metric in ("clean_acc", "robust_acc"):
-            stored, now = tie["at" if key == "a" else "rift"][metric], result[key][metric]
+            stored, now = tie[key][metric], measured[key][metric]
             images = round(abs(stored - now) * tie["images"] / 100)
             rows.append({"model": tag, "metric": metric, "stored": stored, "re-evaluated": now, "difference (images)": images,
                          f"agrees (within {tolerance_images} images)": images <= tolerance_images})
