@@ -418,11 +418,13 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int) -> None:
     if pick is not None:
         width, train = pick["width"], pick["train"]
         seeds = [s for seed in (0, *HEADLINE_SEEDS) if (s := _run_summary(root, width, train, seed, ledger)) is not None]
-        block: dict[str, Any] = {"pick": pick, "runs": seeds}
-        if len(seeds) == 1 + len(HEADLINE_SEEDS):
+        block: dict[str, Any] = {"pick": pick, "runs": seeds,
+                                 "seeds_planned": [0, *HEADLINE_SEEDS], "seeds_missing": [
+                                     seed for seed in (0, *HEADLINE_SEEDS) if seed not in {s["seed"] for s in seeds}]}
+        if len(seeds) >= 2:  # over the seeds that finished (a Student-t interval: wide with two)
             diffs = _headline_diffs(seeds, pick)
             block["over_seeds"] = {kind: over_seeds([d[kind]["diff"] for d in diffs], [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
-            block["pooled"] = {kind: _pooled(root, width, train, pick, kind) for kind in ("clean", "robust")}
+            block["pooled"] = {kind: _pooled(root, width, train, pick, kind, [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
         compare = _read(root / run_name(width, train, 0) / "compare-at-rift-test.json")
         if compare is not None:
             block["autoattack"] = compare.get("autoattack")
@@ -446,7 +448,7 @@ def _headline_diffs(seeds: list[dict[str, Any]], pick: dict[str, Any]) -> list[d
     return out
 
 
-def _pooled(root: Path, width: int, train: int, pick: dict[str, Any], kind: str) -> dict[str, Any] | None:
+def _pooled(root: Path, width: int, train: int, pick: dict[str, Any], kind: str, seeds: list[int]) -> dict[str, Any] | None:
     """The seeds' images pooled (N x seeds pairs), for RiFT as defined (the runs' saved per-image results)."""
     import torch
 
@@ -456,7 +458,7 @@ def _pooled(root: Path, width: int, train: int, pick: dict[str, Any], kind: str)
     if pick["setting"] != "rift":
         return None
     at, rift = [], []
-    for seed in (0, *HEADLINE_SEEDS):
+    for seed in seeds:
         saved = read_checkpoint(root / run_name(width, train, seed) / "test_correct.pt")
         at.append(saved["at"][kind])
         rift.append(saved["rift"][kind])

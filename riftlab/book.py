@@ -683,6 +683,13 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
         lead += (f". Over seeds {', '.join(str(s) for s in c['seeds'])} of {where}, AT+RiFT minus AT is "
                  f"{c['mean']:+.2f} clean points (95% interval over seeds [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]) and "
                  f"{r['mean']:+.2f} robust points ([{r['ci_low']:+.2f}, {r['ci_high']:+.2f}])")
+    pooled = block.get("pooled") or {}
+    if pooled.get("clean") and pooled.get("robust"):
+        lead += (f"; pooled over the seeds' {pooled['clean']['n']} paired test images, {_ci(pooled['clean'])} clean and "
+                 f"{_ci(pooled['robust'])} robust points (exact paired 95% intervals)")
+    missing = block.get("seeds_missing") or []
+    if missing:
+        lead += f" (seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)} of the plan did not finish in the study's session)"
     if len(gains) == 0:
         lead += ". At these sizes the product cannot show RiFT working; the trend table says how the change moves with width and data"
     return lead + "."

@@ -52,9 +52,9 @@ def test_every_reported_difference_is_what_its_counts_give(study):
 def test_the_headline_follows_its_rule_and_its_seeds(study):
     block = study["headline"]
     assert block is not None and block["pick"]["rule"]
-    if len(block["runs"]) == 3:
-        seeds = [r["seed"] for r in block["runs"]]
-        assert seeds == [0, 1, 2]
+    seeds = [r["seed"] for r in block["runs"]]
+    assert seeds == sorted(set(block["seeds_planned"]) - set(block["seeds_missing"])) and seeds[0] == 0
+    if len(seeds) >= 2:
         if block["pick"]["setting"] == "rift":
             for kind in ("clean", "robust"):
                 again = over_seeds([r["test"]["difference"][kind]["diff"] for r in block["runs"]], seeds)
