@@ -184,11 +184,13 @@ def headline(root: Path, big: bool) -> dict[str, Any] | None:
 
     1. the smallest configuration (width, then training images) where RiFT as defined (the paper's
        settings) wins on test (:func:`wins`);
-    2. else the smallest 10000-image configuration where a labelled variant wins;
-    3. else the middle configuration (width 16, 10000 images), with RiFT as defined: the study then reports the
-       trend, and the three seeds, Table 3 and AutoAttack where every variant was measured.
+    2. else the smallest configuration where a labelled variant that has finished wins (the variants run after
+       the headline's seeds, so in a run from scratch this rule finds none);
+    3. else the middle configuration (:data:`MIDDLE`), with RiFT as defined: the study then reports the trend, and
+       the three seeds, the variants, Table 3 and AutoAttack there.
 
-    None until phase 1's core jobs (:func:`phase1`) are done.
+    None until phase 1's core jobs (:func:`phase1`: the grid's RiFT runs) are done. The runner keeps the first
+    headline it finds (the ledger's ``_headline``): runs that finish later cannot move it.
     """
     core, _ = phase1(root, big)
     if not all(job.done_file.is_file() for job in core):
@@ -418,7 +420,7 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int) -> None:
     if pick is not None:
         width, train = pick["width"], pick["train"]
         seeds = [s for seed in (0, *HEADLINE_SEEDS) if (s := _run_summary(root, width, train, seed, ledger)) is not None]
-        block: dict[str, Any] = {"pick": pick, "runs": seeds,
+        block: dict[str, Any] = {"pick": pick, "runs": seeds, "considered": [list(wn) for wn in GRID],  # what the rule read
                                  "seeds_planned": [0, *HEADLINE_SEEDS], "seeds_missing": [
                                      seed for seed in (0, *HEADLINE_SEEDS) if seed not in {s["seed"] for s in seeds}]}
         if len(seeds) >= 2:  # over the seeds that finished (a Student-t interval: wide with two)
