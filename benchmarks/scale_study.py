@@ -247,28 +247,22 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
     adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
     while True:
         core, extra = phase1(root, big)
-        jobs = list(core) if phase in ("1", "all") else []  # a copy: phase 2's jobs must not join `core`
         # once chosen the headline stays (variants that finish later cannot move it)
         pick = (ledger.get("_headline") or headline(root, big)) if phase in ("2", "all") else None
-        if pick is not None:
-            if ledger.get("_headline") != pick:
-                ledger["_headline"] = pick
-                _write_json(ledger_path, ledger)
-            jobs += phase2(root, pick)
-        if phase in ("1", "all"):
-            # the other data sizes, then the variants; with a headline chosen its seeds come before them, then
-            # AutoAttack and Table 3 (which :func:`phase2` lists first)
-            seeds = [j for j in jobs[len(core):] if ":" not in j.name]
-            jobs = core + seeds + extra + [j for j in jobs[len(core):] if ":" in j.name]
+        if pick is not None and ledger.get("_headline") != pick:
+            ledger["_headline"] = pick
+            _write_json(ledger_path, ledger)
+        later = phase2(root, pick) if pick is not None else []
+        # the headline's seeds first, then the other data sizes and the variants, then Table 3 and AutoAttack
+        seeds, last = [j for j in later if ":" not in j.name], [j for j in later if ":" in j.name]
+        grid, others = (core, extra) if phase in ("1", "all") else ([], [])
+        jobs = grid + seeds + others + last
         done = {j.name for j in jobs if j.done_file.is_file()}
         for name, (proc, job, started) in list(running.items()):
             if proc.poll() is None:
                 continue
             wall = time.time() - started
-            ledger[name] = {"command": ["riftlab", *job.args], "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                            "wall_s": round(wall, 1), "returncode": proc.returncode,
-                            "wall_s_total": round(ledger.get(name, {}).get("wall_s_total", 0.0) + wall, 1)}
-            _write_json(ledger_path, ledger)
+            _record(ledger, ledger_path, job, started, proc.returncode)
             print(f"{time.strftime('%H:%M:%S')} {name}: exit {proc.returncode} after {wall / 60:.1f} min", flush=True)
             if proc.returncode != 0:
                 failed.add(name)
@@ -278,11 +272,8 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
         for job in [j for j in jobs if j.name in adopted and j.name not in elsewhere]:  # it ended: record it as the runner would
             started = adopted.pop(job.name)
             wall = time.time() - started
-            ledger[job.name] = {"command": ["riftlab", *job.args], "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                                "wall_s": round(wall, 1), "returncode": 0 if job.done_file.is_file() else None,
-                                "wall_s_total": round(ledger.get(job.name, {}).get("wall_s_total", 0.0) + wall, 1),
-                                "note": "started by an earlier runner; wall time from its pid file to when this runner saw it end"}
-            _write_json(ledger_path, ledger)
+            _record(ledger, ledger_path, job, started, 0 if job.done_file.is_file() else None,
+                    note="started by an earlier runner; wall time from its pid file to when this runner saw it end")
             _pid_file(root, job).unlink(missing_ok=True)
             print(f"{time.strftime('%H:%M:%S')} {job.name}: ended (started by an earlier runner) after {wall / 60:.1f} min", flush=True)
         for name in elsewhere - adopted.keys():
@@ -315,6 +306,15 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
             print("all jobs done")
             return 0
         time.sleep(5)
+
+
+def _record(ledger: dict[str, Any], path: Path, job: Job, started: float, returncode: int | None, **extra: str) -> None:
+    """A finished job's ledger entry (command, start, wall time, exit code; resumed jobs add up), written at once."""
+    wall = time.time() - started
+    ledger[job.name] = {"command": ["riftlab", *job.args], "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                        "wall_s": round(wall, 1), "returncode": returncode,
+                        "wall_s_total": round(ledger.get(job.name, {}).get("wall_s_total", 0.0) + wall, 1), **extra}
+    _write_json(path, ledger)
 
 
 def _pid_file(root: Path, job: Job) -> Path:
