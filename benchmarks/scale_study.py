@@ -475,7 +475,7 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
     """
     import torch
 
-    from riftlab import Batches, ImageSet, build_model, compare, load_dataset
+    from riftlab import Batches, ImageSet, build_model, compare, evaluate, load_dataset
     from riftlab.checkpoint import read_checkpoint, save_checkpoint
     from riftlab.steps.interpolation import interpolate
 
@@ -500,8 +500,9 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
     torch.set_num_threads(1)
     result = compare(model(states["at"]), model(interpolate(states["at"], states["ft"], results["alpha"])), Batches(first, 256),
                      cfg["eps"], cfg["step"], cfg["eval_steps"], 1, seed=12345)
-    tuned = compare(model(states["at"]), model(states["ft"]), Batches(first, 256), cfg["eps"], cfg["step"], cfg["eval_steps"], 1,
-                    seed=12345)["b"]  # the fine-tuned weights themselves: tied to the code even where the chosen alpha is 0
+    # the fine-tuned weights themselves, tied to the code even where the chosen alpha is 0; one seed gives
+    # every image the same random start in `evaluate` as in `compare`, so AT need not be attacked again
+    tuned = evaluate(model(states["ft"]), Batches(first, 256), cfg["eps"], cfg["step"], cfg["eval_steps"], 1, seed=12345)
     summary["checkpoints"] = {"files": {"at": f"checkpoints/{name}-at.pt", "ft": f"checkpoints/{name}-ft.pt"}, "alpha": results["alpha"],
                               "module": results["module"], "config": {k: cfg[k] for k in ("dataset", "model", "width", "val_size", "train_subset",
                                                                                           "eps", "step", "eval_steps")},
