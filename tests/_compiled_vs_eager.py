@@ -15,24 +15,20 @@ import sys
 
 import torch
 
-from riftlab import Batches, adversarial_train, build_model, evaluate, load_dataset
+from riftlab import Batches, adversarial_train, evaluate
 from riftlab.compute import compiled
 
-
-def _model(splits) -> torch.nn.Module:
-    torch.manual_seed(5)
-    info = splits.info
-    return build_model("resnet18", info.num_classes, info.channels, info.image_size, 4, info.mean, info.std)
+from conftest import load_tiny_splits, make_model  # the caller puts tests/ on PYTHONPATH
 
 
 def main(out: str) -> None:
-    torch.set_num_threads(1)
-    splits = load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)  # the tests' tiny_splits
+    torch.set_num_threads(1)  # conftest's import asked for 2; no parallel region has run yet
+    splits = load_tiny_splits()
     data = splits.train.subset(256, seed=0)
     result = {}
     models = {}
     for flag in (False, True):
-        model = _model(splits)
+        model = make_model(splits, width=4, seed=5)
         assert compiled(model, False) is model
         train = Batches(data, 64, shuffle=True, augment=True, seed=0)
         val = Batches(splits.val, 250)

@@ -45,10 +45,15 @@ def riftlab_command(*args: str) -> subprocess.CompletedProcess:
     return riftlab_commands(list(args))[0]
 
 
+def load_tiny_splits():
+    """synthetic-cifar10: 1250 train / 250 val / 500 test images (also for test scripts run as a process of their own)."""
+    return load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)
+
+
 @pytest.fixture(scope="session")
 def tiny_splits():
     """synthetic-cifar10: 1250 train / 250 val / 500 test images."""
-    return load_dataset("synthetic-cifar10", synthetic_sizes=(1500, 500), val_size=250)
+    return load_tiny_splits()
 
 
 def make_model(splits, width: int = 4, seed: int = 0) -> torch.nn.Module:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from riftlab import Batches, adversarial_train, evaluate, pgd
+from riftlab import Batches, evaluate, pgd
 from riftlab.steps._loop import train_epoch
 from riftlab.compute import (autocast, autocast_dtype, batch_layout, compiled, get_precision, grad_scaler, loss_scale, native_bf16,
                              precision_name, set_precision, to_device, use_precision)
