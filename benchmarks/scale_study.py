@@ -59,7 +59,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "lr0.01": ("least", ["--lr", "0.01"]),  # ten times the paper's learning rate
 }
 # Only at the middle configuration, after the headline's seeds (each variant costs a fine-tuning, a curve and a test).
-TABLE3 = "at,least,most,last,all,no-interp"
+# Two ablation folders of about the same cost, so the two jobs run side by side; their rows are one table ("table3").
+TABLE3 = {"table3": "at,least,most,no-interp", "table3b": "last,all"}
 
 
 # --smoke: the same jobs on tiny sizes (a minute or two), to check the script itself; tests/test_scale_study.py runs it.
@@ -137,12 +138,12 @@ def _variant_rows(run: Path) -> list[dict[str, Any]]:
     import csv
 
     rows = []
-    for folder in [*VARIANTS, "table3"]:
+    for folder in [*VARIANTS, *TABLE3]:
         path = run / f"{folder}.csv"
         if path.is_file():
             with open(path) as fh:
                 for row in csv.DictReader(fh):
-                    rows.append({"setting": folder, **{k: _number(v) for k, v in row.items()}})
+                    rows.append({"setting": "table3" if folder in TABLE3 else folder, **{k: _number(v) for k, v in row.items()}})
     return rows
 
 
@@ -210,8 +211,8 @@ def phase2(root: Path, pick: dict[str, Any]) -> list[Job]:
     base = run_name(width, train, 0)
     run0 = root / base
     common = config_args(width, train, 0)
-    jobs = [Job(f"{base}:table3", ["ablate", *common, "--out", str(run0), "--name", "table3", "--variants", TABLE3, "--resume"],
-                run0 / "table3.csv", [base]),
+    jobs = [*(Job(f"{base}:{folder}", ["ablate", *common, "--out", str(run0), "--name", folder, "--variants", which, "--resume"],
+                  run0 / f"{folder}.csv", [base]) for folder, which in TABLE3.items()),
             Job(f"{base}:autoattack", ["compare", *common, "--out", str(run0), "--a", str(run0 / "at.pt"), "--b", str(run0 / "rift.pt"),
                                        "--autoattack", "20" if SMOKE else "1000"], run0 / "compare-at-rift-test.json", [base])]
     for seed in HEADLINE_SEEDS:
@@ -236,7 +237,9 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
+def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None) -> int:
+    """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names (their inputs must be
+    among them or already done), e.g. to continue the committed study on a machine whose runs were lost."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     ledger_path = root / "jobs.json"
@@ -257,6 +260,8 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
         seeds, last = [j for j in later if ":" not in j.name], [j for j in later if ":" in j.name]
         grid, others = (core, extra) if phase in ("1", "all") else ([], [])
         jobs = grid + seeds + others + last
+        if only is not None:
+            jobs = [j for j in jobs if j.name in only]
         done = {j.name for j in jobs if j.done_file.is_file()}
         for name, (proc, job, started) in list(running.items()):
             if proc.poll() is None:
@@ -306,6 +311,15 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str) -> int:
             print("all jobs done")
             return 0
         time.sleep(5)
+
+
+def _all_jobs(root: Path, big: bool) -> list[Job]:
+    """Every job the study can run: phase 1's and phase 2's for the middle configuration (the headline when none
+    wins) or for the headline already chosen in the ledger."""
+    core, extra = phase1(root, big)
+    ledger = _read(root / "jobs.json") or {}
+    pick = ledger.get("_headline") or headline(root, big) or {"width": MIDDLE[0], "train": MIDDLE[1], "setting": "rift"}
+    return core + extra + phase2(root, pick)
 
 
 def _record(ledger: dict[str, Any], path: Path, job: Job, started: float, returncode: int | None, **extra: str) -> None:
@@ -520,6 +534,7 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="run: jobs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="run: torch threads per job (default 1)")
     parser.add_argument("--phase", choices=["1", "2", "all"], default="all", help="run: the seed-0 grid, the headline's seeds, or both")
+    parser.add_argument("--only", default=None, help="run: comma-separated job names (see `status`); the others are left alone")
     parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
     parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and widths 4 and 8 on 1000 images: checks the script, not RiFT")
@@ -539,7 +554,13 @@ def main() -> int:
                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         sessions = [*ledger.get("_sessions", []), provenance]  # one entry per start of the runner (resumes included)
         _write_json(args.root / "jobs.json", {**ledger, "_threads": args.threads, "_sessions": sessions})
-        return run(args.root, args.jobs, args.threads, args.big, args.phase)
+        only = None
+        if args.only is not None:
+            only = {name.strip() for name in args.only.split(",") if name.strip()}
+            known = {j.name for j in _all_jobs(args.root, args.big)}
+            if unknown := sorted(only - known):
+                raise SystemExit(f"--only: no job named {', '.join(unknown)}; the study's jobs are: {', '.join(sorted(known))}")
+        return run(args.root, args.jobs, args.threads, args.big, args.phase, only)
     if args.action == "status":
         status(args.root, args.big)
         return 0
