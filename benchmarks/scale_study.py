@@ -305,8 +305,9 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
             if blocked:
                 print(f"cannot start {', '.join(blocked)}: their inputs are missing")
                 return 1
-            if phase in ("2", "all") and pick is None:
-                print("phase 1 is unfinished: the headline cannot be chosen yet")
+            unplanned = sorted(only - {j.name for j in jobs}) if only is not None else []
+            if phase in ("2", "all") and pick is None and (only is None or unplanned):
+                print(f"phase 1 is unfinished: the headline cannot be chosen yet{' for ' + ', '.join(unplanned) if unplanned else ''}")
                 return 1
             print("all jobs done")
             return 0
@@ -418,35 +419,99 @@ def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str
             "commands": {k: v["command"] for k, v in jobs.items()}, "wall_s": {k: v.get("wall_s_total") for k, v in jobs.items()}}
 
 
-def summarize(root: Path, out: Path, big: bool, tie_images: int) -> None:
+# What a re-run must reproduce exactly for a carried summary to be merged with it (the timings may differ).
+_SAME = ("module", "alpha", "finetune_best_epoch", "finetune_relative_change", "validation", "test", "mrc", "curve")
+
+
+def _carry(name: str, fresh: dict[str, Any] | None, carried: dict[str, list[dict[str, Any]]], source: dict[str, Any]) -> dict[str, Any] | None:
+    """One run's summary: the fresh one (checked against the carried one of the same name, if any), else the carried one.
+
+    A run present in both must agree on every result in :data:`_SAME`; otherwise the merge is refused by name, since a
+    study whose rows came from different code or data would be mislabelled. Variant rows, commands and wall times are
+    merged (the fresh run's win for a setting both have); a carried row says where it came from.
+    """
+    def same(key: str, value: Any) -> Any:  # least3x3 comes from the variants run, which a continuation may not redo
+        return {k: v for k, v in value.items() if k != "least3x3"} if key == "mrc" else value
+
+    records = carried.get(name, [])  # a run can be both in the trend and among the headline's seeds: all must agree
+    for other in [*records[1:], *([fresh] if fresh is not None else [])]:
+        for key in _SAME:
+            if records and same(key, other[key]) != same(key, records[0][key]):
+                what = "does not reproduce" if other is fresh else "has two disagreeing records of"
+                raise SystemExit(f"--carry: run {name} {what} the carried summary's {key!r} "
+                                 f"(carried: {json.dumps(records[0][key])[:200]}; other: {json.dumps(other[key])[:200]}); "
+                                 f"summarize without --carry, or rerun every job of the study")
+    old = records[0] if records else None
+    if fresh is None:
+        return None if old is None else {**old, "carried_from": source}
+    if old is None:
+        return fresh
+    settings = {row["setting"] for row in fresh["variants"]}
+    return {**fresh, "mrc": {**fresh["mrc"], "least3x3": fresh["mrc"]["least3x3"] or old["mrc"]["least3x3"]},
+            "variants": [row for row in old["variants"] if row["setting"] not in settings] + fresh["variants"],
+            "commands": {**old["commands"], **fresh["commands"]}, "wall_s": {**old["wall_s"], **fresh["wall_s"]},
+            "reproduces": source}
+
+
+def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None) -> None:
+    """``out/study.json`` from the runs under ``root``; with ``carry`` (a committed study.json), runs missing from
+    ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`)."""
     from riftlab.evaluation.stats import over_seeds
 
     ledger = _read(root / "jobs.json") or {}
-    runs = [s for w, n in configurations(big) if (s := _run_summary(root, w, n, 0, ledger)) is not None]
+    before: dict[str, Any] = (_read(carry) or {}) if carry is not None else {}
+    if carry is not None and not before:
+        raise SystemExit(f"--carry: {carry} is not a study.json")
+    source = {"file": str(carry), **{k: before.get("provenance", {}).get(k) for k in ("summarized_at_commit", "summarized")}}
+    old_runs: dict[str, list[dict[str, Any]]] = {}
+    for r in [*before.get("trend", []), *((before.get("headline") or {}).get("runs", []))]:
+        old_runs.setdefault(r["name"], []).append(r)
+    runs = [s for w, n in configurations(big)
+            if (s := _carry(run_name(w, n, 0), _run_summary(root, w, n, 0, ledger), old_runs, source)) is not None]
     pick = ledger.get("_headline") or headline(root, big)
+    old_pick = (before.get("headline") or {}).get("pick")
+    if old_pick is not None:
+        if pick is not None and any(pick[k] != old_pick[k] for k in ("width", "train", "setting", "variant")):
+            raise SystemExit(f"--carry: the headline chosen now ({pick['width']}/{pick['train']}/{pick['setting']}) is not the "
+                             f"carried one ({old_pick['width']}/{old_pick['train']}/{old_pick['setting']})")
+        pick = pick or old_pick
     summary: dict[str, Any] = {
         "what": "RiFT on real Fashion-MNIST: AT vs AT+RiFT on the 10000 test images, paired 95% intervals",
-        "provenance": {"script": "benchmarks/scale_study.py", "runs": ledger.get("_sessions", []),
+        "provenance": {"script": "benchmarks/scale_study.py", "runs": [*before.get("provenance", {}).get("runs", []), *ledger.get("_sessions", [])],
                        "summarized_at_commit": _git("rev-parse", "HEAD"), "machine": _machine(),
-                       "threads_per_job": ledger.get("_threads"), "summarized": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "threshold": THRESHOLD, "interval": "exact conditional 95% (Clopper-Pearson on the discordant images, McNemar)"},
+                       "threads_per_job": ledger.get("_threads") or before.get("provenance", {}).get("threads_per_job"),
+                       "summarized": time.strftime("%Y-%m-%d %H:%M:%S"),
+                       "threshold": THRESHOLD, "interval": "exact conditional 95% (Clopper-Pearson on the discordant images, McNemar)",
+                       **({"carried": source} if carry is not None else {})},
         "trend": runs, "headline": None}
     if pick is not None:
         width, train = pick["width"], pick["train"]
-        seeds = [s for seed in (0, *HEADLINE_SEEDS) if (s := _run_summary(root, width, train, seed, ledger)) is not None]
+        seeds = [s for seed in (0, *HEADLINE_SEEDS)
+                 if (s := _carry(run_name(width, train, seed), _run_summary(root, width, train, seed, ledger), old_runs, source)) is not None]
         block: dict[str, Any] = {"pick": pick, "runs": seeds, "considered": [list(wn) for wn in GRID],  # what the rule read
                                  "seeds_planned": [0, *HEADLINE_SEEDS], "seeds_missing": [
                                      seed for seed in (0, *HEADLINE_SEEDS) if seed not in {s["seed"] for s in seeds}]}
         if len(seeds) >= 2:  # over the seeds that finished (a Student-t interval: wide with two)
             diffs = _headline_diffs(seeds, pick)
             block["over_seeds"] = {kind: over_seeds([d[kind]["diff"] for d in diffs], [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
-            block["pooled"] = {kind: _pooled(root, width, train, pick, kind, [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
+            if any("carried_from" in s for s in seeds):  # the per-image results of a carried seed are not here: its pool is
+                old_block = before["headline"]
+                if old_block.get("pooled") is None or sorted(r["seed"] for r in old_block["runs"]) != [s["seed"] for s in seeds]:
+                    raise SystemExit("--carry: the carried study has no pooled result over these seeds; rerun the missing seeds")
+                block["pooled"] = old_block["pooled"]
+            else:
+                block["pooled"] = {kind: _pooled(root, width, train, pick, kind, [s["seed"] for s in seeds]) for kind in ("clean", "robust")}
         compare = _read(root / run_name(width, train, 0) / "compare-at-rift-test.json")
+        if compare is None and "autoattack" in (before.get("headline") or {}):
+            block["autoattack"], block["pgd_same_run"] = before["headline"]["autoattack"], before["headline"]["pgd_same_run"]
         if compare is not None:
             block["autoattack"] = compare.get("autoattack")
             block["pgd_same_run"] = {"clean": compare["clean"], "robust": compare["robust"]}
         summary["headline"] = block
-        _copy_checkpoints(root / run_name(width, train, 0), out / "checkpoints", run_name(width, train, 0), tie_images, summary)
+        if not (root / run_name(width, train, 0) / "results.json").is_file():  # carried: its committed checkpoints stay
+            summary["checkpoints"] = before["checkpoints"]
+        else:
+            _copy_checkpoints(root / run_name(width, train, 0), out / "checkpoints", run_name(width, train, 0), tie_images, summary)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "study.json", summary)
     print(f"wrote {out / 'study.json'}")
@@ -534,6 +599,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="run: jobs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="run: torch threads per job (default 1)")
     parser.add_argument("--phase", choices=["1", "2", "all"], default="all", help="run: the seed-0 grid, the headline's seeds, or both")
+    parser.add_argument("--carry", type=Path, default=None,
+                        help="summarize: a committed study.json whose runs are not under --root (lost with a machine); runs in both must agree")
     parser.add_argument("--only", default=None, help="run: comma-separated job names (see `status`); the others are left alone")
     parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
     parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
@@ -564,7 +631,7 @@ def main() -> int:
     if args.action == "status":
         status(args.root, args.big)
         return 0
-    summarize(args.root, args.out, args.big, args.tie_images)
+    summarize(args.root, args.out, args.big, args.tie_images, args.carry)
     return 0
 
 

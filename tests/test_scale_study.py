@@ -98,3 +98,50 @@ def test_the_study_script_runs_end_to_end_at_tiny_sizes(tmp_path):
     loaded = book.study_results(out / "study.json")
     assert book.study_tie_check(loaded)["agrees (within 2 images)"].all()
     assert len(book.study_trend(loaded)) == 2 and book.study_summary_sentence(loaded).endswith(".")
+    _continuing_after_lost_runs(tmp_path, root, out)
+
+
+def _continuing_after_lost_runs(tmp_path, root, out):
+    """A machine that lost some runs continues the committed study: `run --only` does just the jobs it names, and
+    `summarize --carry` takes the missing runs from the committed study.json, refusing (by name) a run that disagrees."""
+    import shutil
+
+    def script(*args, cwd_root):
+        return subprocess.run([sys.executable, "benchmarks/scale_study.py", *args, "--smoke", "--root", str(cwd_root)], cwd=REPO,
+                              capture_output=True, text=True, timeout=1500)
+
+    committed = json.loads((out / "study.json").read_text())
+    kept = tmp_path / "kept"
+    shutil.copytree(root, kept)
+    for name in ("w4-n1k-s0", "w8-n1k-s1", "w8-n1k-s2"):  # lost with their machine
+        shutil.rmtree(kept / name)
+    proc = script("summarize", "--out", str(tmp_path / "merged"), "--tie-images", "50", "--carry", str(out / "study.json"), cwd_root=kept)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "merged" / "study.json").read_text())
+    plain = lambda run: {k: v for k, v in run.items() if k not in ("carried_from", "reproduces")}  # noqa: E731
+    assert [plain(r) for r in merged["trend"]] == [plain(r) for r in committed["trend"]]
+    assert [plain(r) for r in merged["headline"]["runs"]] == [plain(r) for r in committed["headline"]["runs"]]
+    assert merged["headline"]["pooled"] == committed["headline"]["pooled"]
+    assert merged["headline"]["over_seeds"] == committed["headline"]["over_seeds"]
+    assert "carried_from" in merged["trend"][0] and "reproduces" in merged["trend"][1]  # w4 carried, w8 seed 0 re-checked
+    assert merged["provenance"]["carried"]["summarized_at_commit"] == committed["provenance"]["summarized_at_commit"]
+
+    tampered = json.loads(json.dumps(committed))
+    tampered["trend"][1]["alpha"] = 0.123  # w8-n1k-s0 in the trend only: the carried file contradicts itself
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    proc = script("summarize", "--out", str(tmp_path / "refused"), "--carry", str(tmp_path / "tampered.json"), cwd_root=kept)
+    assert proc.returncode != 0 and "w8-n1k-s0 has two disagreeing records" in proc.stderr and "'alpha'" in proc.stderr, proc.stderr[-2000:]
+    tampered["headline"]["runs"][0]["alpha"] = 0.123  # and among the seeds: a result the runs here do not reproduce
+    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
+    proc = script("summarize", "--out", str(tmp_path / "refused"), "--carry", str(tmp_path / "tampered.json"), cwd_root=kept)
+    assert proc.returncode != 0 and "w8-n1k-s0 does not reproduce" in proc.stderr and "'alpha'" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "refused" / "study.json").exists()
+
+    fresh = tmp_path / "only"
+    proc = script("run", "--only", "w4-n1k-s0", cwd_root=fresh)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in fresh.iterdir() if p.is_dir()) == ["logs", "w4-n1k-s0"]
+    again = json.loads((fresh / "w4-n1k-s0" / "results.json").read_text())
+    assert again["test"] == committed["trend"][0]["test"]  # the same job, rerun alone, reproduces its numbers
+    proc = script("run", "--only", "w4-n1k-s0,nosuch", cwd_root=fresh)
+    assert proc.returncode != 0 and "no job named nosuch" in proc.stderr
