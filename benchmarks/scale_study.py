@@ -44,6 +44,11 @@ THRESHOLD = 0.1  # the selection rule's allowed robust drop, in points (the pape
 GRID = [(4, 10000), (8, 10000)]
 LARGER_DATA = [(8, 5000)]  # the data axis at the headline's width (half the training images): after the grid, before the seeds
 BIG = [(16, 10000), (32, 10000), (8, 55000)]  # --big: the wider nets and the full training set (hours of one core each)
+# CPU results depend on which vector kernels torch picks: the same run on an AVX-512 machine and on an AVX2 one differs
+# from the first epoch (measured: width 4 / 10000 seed 0 gave AT test 78.98 / 70.62 on the committed study's machine and
+# 78.87 / 69.75 unpinned on an AVX-512 one). Every job therefore runs on the AVX2 kernels on x86 (as the Makefile
+# pins them for the notebooks), so a run can be repeated, and checked (`summarize --carry`), on another machine.
+KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"} if platform.machine() == "x86_64" else {}
 MIDDLE = (8, 10000)  # the labelled variants run here; the headline when no configuration wins
 HEADLINE_SEEDS = (1, 2)
 
@@ -244,7 +249,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
     (root / "logs").mkdir(exist_ok=True)
     ledger_path = root / "jobs.json"
     ledger: dict[str, Any] = _read(ledger_path) or {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **KERNEL_PINS, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
     running: dict[str, tuple[subprocess.Popen, Job, float]] = {}
     failed: set[str] = set()
     adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
@@ -617,7 +622,7 @@ def main() -> int:
                              f"pass --threads {ledger['_threads']} or use another --root")
         args.root.mkdir(parents=True, exist_ok=True)
         provenance = {"commit": _git("rev-parse", "HEAD"), "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-                      "machine": _machine(), "command": " ".join(["python", *sys.argv]),
+                      "machine": _machine(), "command": " ".join(["python", *sys.argv]), "kernel_pins": KERNEL_PINS,
                       "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         sessions = [*ledger.get("_sessions", []), provenance]  # one entry per start of the runner (resumes included)
         _write_json(args.root / "jobs.json", {**ledger, "_threads": args.threads, "_sessions": sessions})
