@@ -760,6 +760,63 @@ def study_table3(study: Mapping[str, Any]) -> pd.DataFrame | None:
                          for v in rows])
 
 
+TABLE3_LABELS = {"most": "most critical module", "last": "last layer", "all": "all layers"}
+
+
+def study_confirmations(study: Mapping[str, Any]) -> pd.DataFrame | None:
+    """The Table 3 variants that won on seed 0, run again unchanged on the headline's other seeds: per seed, over the seeds
+    (mean, Student-t 95% interval) and pooled over the seeds' test images (exact paired 95% interval); None when no
+    Table 3 variant won on seed 0 (or Table 3 has not run)."""
+    found = (study.get("headline") or {}).get("confirmations") or []
+    if not found:
+        return None
+    threshold = study["provenance"]["threshold"]
+    rows = []
+    for c in found:
+        label = TABLE3_LABELS.get(c["variant"], c["variant"])
+        for r in c["rows"]:
+            clean = {"diff": r["test_clean_change"], "ci_low": r["test_clean_ci_low"], "ci_high": r["test_clean_ci_high"]}
+            robust = {"diff": r["test_robust_change"], "ci_low": r["test_robust_ci_low"], "ci_high": r["test_robust_ci_high"]}
+            rows.append({"fine-tuned": label, "seeds": str(r["seed"]), "alpha": r["alpha"], "test images": 10000,
+                         "clean change [95% CI]": _ci(clean), "robust change [95% CI]": _ci(robust), "verdict": _verdict(clean, robust, threshold)})
+        if "over_seeds" in c:
+            o = c["over_seeds"]
+            rows.append({"fine-tuned": label, "seeds": f"mean over {', '.join(map(str, c['seeds']))}", "alpha": None, "test images": None,
+                         "clean change [95% CI]": f"{o['clean']['mean']:+.2f} [{o['clean']['ci_low']:+.2f}, {o['clean']['ci_high']:+.2f}]",
+                         "robust change [95% CI]": f"{o['robust']['mean']:+.2f} [{o['robust']['ci_low']:+.2f}, {o['robust']['ci_high']:+.2f}]",
+                         "verdict": ""})
+            pooled = c["pooled"]
+            rows.append({"fine-tuned": label, "seeds": f"pooled {', '.join(map(str, c['seeds']))}", "alpha": None,
+                         "test images": pooled["clean"]["n"], "clean change [95% CI]": _ci(pooled["clean"]),
+                         "robust change [95% CI]": _ci(pooled["robust"]), "verdict": _verdict(pooled["clean"], pooled["robust"], threshold)})
+    return pd.DataFrame(rows)
+
+
+def study_confirmation_sentence(study: Mapping[str, Any]) -> str:
+    """What the seed-0 Table 3 wins became on the other seeds, in plain words from the numbers ("" when there were none)."""
+    found = (study.get("headline") or {}).get("confirmations") or []
+    threshold = study["provenance"]["threshold"]
+    parts = []
+    for c in found:
+        label = TABLE3_LABELS.get(c["variant"], c["variant"])
+        first = next(r for r in c["rows"] if r["seed"] == 0)
+        params = first["params"]
+        head = (f"Among the paper's Table 3 choices, fine-tuning the {label} ({params} weights) instead of the least critical module "
+                f"won on seed 0's test split (clean {first['test_clean_change']:+.2f} [{first['test_clean_ci_low']:+.2f}, "
+                f"{first['test_clean_ci_high']:+.2f}], robust {first['test_robust_change']:+.2f} points)")
+        if "pooled" not in c:
+            parts.append(head + "; one seed among several comparisons can win by chance, and its repetition on the other seeds has not run")
+            continue
+        pooled, over = c["pooled"], c["over_seeds"]
+        holds = _verdict(pooled["clean"], pooled["robust"], threshold).startswith("gain (")
+        parts.append(head + f". Run again unchanged on seeds {', '.join(str(s) for s in c['seeds'] if s != 0)} (a check fixed before they were seen), "
+                     f"it changes clean accuracy by {over['clean']['mean']:+.2f} points on average over seeds "
+                     f"{', '.join(map(str, c['seeds']))} ([{over['clean']['ci_low']:+.2f}, {over['clean']['ci_high']:+.2f}]) and by "
+                     f"{_ci(pooled['clean'])} pooled over {pooled['clean']['n']} paired test images, robust {_ci(pooled['robust'])}: "
+                     + ("the gain holds when pooled over the seeds" if holds else "the seed-0 win does not hold up"))
+    return ". ".join(parts) + ("." if parts else "")
+
+
 def direction(before: float, after: float, up: str = "rises", down: str = "falls", same: str = "stays level") -> str:
     """The verb a sentence about ``before`` -> ``after`` must use, from the numbers themselves (rounded as they are shown,
     to one decimal): prose glues it instead of stating a direction the numbers might contradict."""
