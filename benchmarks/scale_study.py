@@ -278,7 +278,9 @@ def _confirmation(root: Path, width: int, train: int, variant: str, seeds: list[
         match = [r for r in s["variants"] if r["variant"] == variant and r["setting"] in (("table3",) if s["seed"] == 0 else (f"confirm-{variant}",))]
         if not match:
             continue
-        folder = next(f for f in ([*TABLE3] if s["seed"] == 0 else [f"confirm-{variant}"]) if (run / f / variant / "correct.pt").is_file())
+        folder = next((f for f in ([*TABLE3] if s["seed"] == 0 else [f"confirm-{variant}"]) if (run / f / variant / "correct.pt").is_file()), None)
+        if folder is None:  # a carried seed: its per-image results are not here
+            continue
         saved = read_checkpoint(run / folder / variant / "correct.pt")
         reference = read_checkpoint(run / "test_correct.pt")["at"]
         for kind in ("clean", "robust"):
@@ -573,7 +575,9 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
             block["autoattack"] = compare.get("autoattack")
             block["pgd_same_run"] = {"clean": compare["clean"], "robust": compare["robust"]}
         winners = table3_winners(root / run_name(width, train, 0)) if (root / run_name(width, train, 0)).is_dir() else []
-        block["confirmations"] = [_confirmation(root, width, train, v, seeds) for v in winners]
+        carried_confirmations = {c["variant"]: c for c in (before.get("headline") or {}).get("confirmations", [])}
+        block["confirmations"] = [carried_confirmations[v] if v in carried_confirmations and any("carried_from" in s for s in seeds)
+                                  else _confirmation(root, width, train, v, seeds) for v in winners]
         summary["headline"] = block
         if not (root / run_name(width, train, 0) / "results.json").is_file():  # carried: its committed checkpoints stay
             summary["checkpoints"] = before["checkpoints"]

@@ -172,6 +172,7 @@ def _continuing_after_lost_runs(tmp_path, root, out):
     assert [plain(r) for r in merged["headline"]["runs"]] == [plain(r) for r in committed["headline"]["runs"]]
     assert merged["headline"]["pooled"] == committed["headline"]["pooled"]
     assert merged["headline"]["over_seeds"] == committed["headline"]["over_seeds"]
+    assert merged["headline"]["confirmations"] == committed["headline"]["confirmations"]
     assert "carried_from" in merged["trend"][0] and "reproduces" in merged["trend"][1]  # w4 carried, w8 seed 0 re-checked
     assert merged["provenance"]["carried"]["summarized_at_commit"] == committed["provenance"]["summarized_at_commit"]
 
