@@ -175,9 +175,7 @@ def candidates(root: Path, big: bool) -> list[dict[str, Any]]:
         for row in _variant_rows(run):
             if row["variant"] in ("at", "no-interp") or row["setting"] == "table3" or row["setting"].startswith("confirm-"):
                 continue
-            out.append({"width": width, "train": train, "setting": row["setting"], "variant": row["variant"],
-                        "clean": {"diff": row["test_clean_change"], "ci_low": row["test_clean_ci_low"], "ci_high": row["test_clean_ci_high"]},
-                        "robust": {"diff": row["test_robust_change"], "ci_low": row["test_robust_ci_low"], "ci_high": row["test_robust_ci_high"]}})
+            out.append({"width": width, "train": train, "setting": row["setting"], "variant": row["variant"], **_test_change(row)})
     return out
 
 
@@ -233,17 +231,17 @@ def phase2(root: Path, pick: dict[str, Any]) -> list[Job]:
     return jobs + confirmations(root, pick)
 
 
-def table3_winners(run: Path) -> list[str]:
-    """The Table 3 variants that fine-tune other weights than RiFT's (most critical module, last layer, all layers) and
-    win on this run's test split (:func:`wins`)."""
-    out = []
-    for row in _variant_rows(run):
-        if row["setting"] != "table3" or row["variant"] not in ("most", "last", "all"):
-            continue
-        change = {k: {"diff": row[f"test_{k}_change"], "ci_low": row[f"test_{k}_ci_low"]} for k in ("clean", "robust")}
-        if wins(change):
-            out.append(row["variant"])
-    return out
+def _test_change(row: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """An ablation row's test changes against AT, as :func:`wins` and the summary read them."""
+    return {k: {"diff": row[f"test_{k}_change"], "ci_low": row[f"test_{k}_ci_low"], "ci_high": row[f"test_{k}_ci_high"]}
+            for k in ("clean", "robust")}
+
+
+def table3_winners(rows: list[dict[str, Any]]) -> list[str]:
+    """Among a run's variant rows (:func:`_variant_rows`), the Table 3 variants that fine-tune other weights than RiFT's
+    (most critical module, last layer, all layers) and win on the test split (:func:`wins`)."""
+    return [row["variant"] for row in rows
+            if row["setting"] == "table3" and row["variant"] in ("most", "last", "all") and wins(_test_change(row))]
 
 
 def confirmations(root: Path, pick: dict[str, Any]) -> list[Job]:
@@ -255,7 +253,7 @@ def confirmations(root: Path, pick: dict[str, Any]) -> list[Job]:
     """
     width, train = pick["width"], pick["train"]
     jobs = []
-    for variant in table3_winners(root / run_name(width, train, 0)):
+    for variant in table3_winners(_variant_rows(root / run_name(width, train, 0))):
         for seed in HEADLINE_SEEDS:
             name = run_name(width, train, seed)
             jobs.append(Job(f"{name}:confirm-{variant}", ["ablate", *config_args(width, train, seed), "--out", str(root / name),
@@ -275,17 +273,17 @@ def _confirmation(root: Path, width: int, train: int, variant: str, seeds: list[
     rows, pooled = [], {"at": {"clean": [], "robust": []}, "tuned": {"clean": [], "robust": []}}
     for s in seeds:
         run = root / s["name"]
-        match = [r for r in s["variants"] if r["variant"] == variant and r["setting"] in (("table3",) if s["seed"] == 0 else (f"confirm-{variant}",))]
-        if not match:
+        setting = "table3" if s["seed"] == 0 else f"confirm-{variant}"  # seed 0's row is its Table 3 row
+        match = [r for r in s["variants"] if r["variant"] == variant and r["setting"] == setting]
+        folders = [*TABLE3] if setting == "table3" else [setting]
+        folder = next((f for f in folders if (run / f / variant / "correct.pt").is_file()), None)
+        if not match or folder is None:  # not run for this seed, or a carried seed whose per-image results are not here
             continue
-        folder = next((f for f in ([*TABLE3] if s["seed"] == 0 else [f"confirm-{variant}"]) if (run / f / variant / "correct.pt").is_file()), None)
-        if folder is None:  # a carried seed: its per-image results are not here
-            continue
-        saved = read_checkpoint(run / folder / variant / "correct.pt")
+        saved = read_checkpoint(run / folder / variant / "correct.pt")["test"]
         reference = read_checkpoint(run / "test_correct.pt")["at"]
         for kind in ("clean", "robust"):
             pooled["at"][kind].append(reference[kind])
-            pooled["tuned"][kind].append(saved["test"][kind] if "test" in saved else saved[kind])
+            pooled["tuned"][kind].append(saved[kind])
         rows.append({"seed": s["seed"], **{k: match[0][k] for k in match[0] if k != "setting"}})
     out: dict[str, Any] = {"variant": variant, "rows": rows, "seeds": [r["seed"] for r in rows]}
     if len(rows) >= 2:
@@ -520,6 +518,12 @@ def _carry(name: str, fresh: dict[str, Any] | None, carried: dict[str, list[dict
             "reproduces": source}
 
 
+def _sessions(carried: list[dict[str, Any]], here: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runner's sessions behind the summary: the carried ones, then this root's that are not among them (a summary
+    carried from one made from this same root already holds them)."""
+    return [*carried, *(s for s in here if s not in carried)]
+
+
 def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None) -> None:
     """``out/study.json`` from the runs under ``root``; with ``carry`` (a committed study.json), runs missing from
     ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`)."""
@@ -544,7 +548,7 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
         pick = pick or old_pick
     summary: dict[str, Any] = {
         "what": "RiFT on real Fashion-MNIST: AT vs AT+RiFT on the 10000 test images, paired 95% intervals",
-        "provenance": {"script": "benchmarks/scale_study.py", "runs": [*before.get("provenance", {}).get("runs", []), *ledger.get("_sessions", [])],
+        "provenance": {"script": "benchmarks/scale_study.py", "runs": _sessions(before.get("provenance", {}).get("runs", []), ledger.get("_sessions", [])),
                        "summarized_at_commit": _git("rev-parse", "HEAD"), "machine": _machine(),
                        "threads_per_job": ledger.get("_threads") or before.get("provenance", {}).get("threads_per_job"),
                        "summarized": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -574,7 +578,8 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
         if compare is not None:
             block["autoattack"] = compare.get("autoattack")
             block["pgd_same_run"] = {"clean": compare["clean"], "robust": compare["robust"]}
-        winners = table3_winners(root / run_name(width, train, 0)) if (root / run_name(width, train, 0)).is_dir() else []
+        # from seed 0's summary rows (carried ones included), so a carried seed 0 keeps its confirmations
+        winners = table3_winners(seeds[0]["variants"]) if seeds and seeds[0]["seed"] == 0 else []
         carried_confirmations = {c["variant"]: c for c in (before.get("headline") or {}).get("confirmations", [])}
         block["confirmations"] = [carried_confirmations[v] if v in carried_confirmations and any("carried_from" in s for s in seeds)
                                   else _confirmation(root, width, train, v, seeds) for v in winners]

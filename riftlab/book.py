@@ -626,6 +626,11 @@ VARIANT_LABELS = {("rift", "least"): "RiFT as defined (least critical module, lr
                   ("lr0.01", "least"): "lr 0.01"}
 
 
+def _test_change(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """An ablation row's test change against AT for ``kind`` (clean or robust), as :func:`_ci` and :func:`_verdict` read it."""
+    return {"diff": row[f"test_{kind}_change"], "ci_low": row[f"test_{kind}_ci_low"], "ci_high": row[f"test_{kind}_ci_high"]}
+
+
 def study_variants(study: Mapping[str, Any]) -> pd.DataFrame:
     """Every labelled fine-tuning variant of every configuration, with its test changes against AT and their intervals."""
     threshold = study["provenance"]["threshold"]
@@ -636,9 +641,7 @@ def study_variants(study: Mapping[str, Any]) -> pd.DataFrame:
         for v in r["variants"]:
             if v["setting"] == "table3" or v["variant"] in ("at", "no-interp"):
                 continue
-            entries.append((v["setting"], v["variant"], v["modules"], v["params"], v["alpha"],
-                            {"diff": v["test_clean_change"], "ci_low": v["test_clean_ci_low"], "ci_high": v["test_clean_ci_high"]},
-                            {"diff": v["test_robust_change"], "ci_low": v["test_robust_ci_low"], "ci_high": v["test_robust_ci_high"]}))
+            entries.append((v["setting"], v["variant"], v["modules"], v["params"], v["alpha"], _test_change(v, "clean"), _test_change(v, "robust")))
         for setting, variant, module, params, alpha, clean, robust in entries:
             rows.append({"width": r["width"], "training images": r["train"],
                          "fine-tuning": VARIANT_LABELS.get((setting, variant), f"{setting} / {variant}"),
@@ -755,8 +758,7 @@ def study_table3(study: Mapping[str, Any]) -> pd.DataFrame | None:
               "all": "all layers", "no-interp": "least critical, no interpolation (alpha 1)"}
     return pd.DataFrame([{"fine-tuned": labels.get(v["variant"], v["variant"]), "weights": v["params"], "alpha": v["alpha"],
                           "test clean": round(v["test_clean_acc"], 2), "test robust": round(v["test_robust_acc"], 2),
-                          "clean change [95% CI]": _ci({"diff": v["test_clean_change"], "ci_low": v["test_clean_ci_low"], "ci_high": v["test_clean_ci_high"]}),
-                          "robust change [95% CI]": _ci({"diff": v["test_robust_change"], "ci_low": v["test_robust_ci_low"], "ci_high": v["test_robust_ci_high"]})}
+                          "clean change [95% CI]": _ci(_test_change(v, "clean")), "robust change [95% CI]": _ci(_test_change(v, "robust"))}
                          for v in rows])
 
 
@@ -775,15 +777,14 @@ def study_confirmations(study: Mapping[str, Any]) -> pd.DataFrame | None:
     for c in found:
         label = TABLE3_LABELS.get(c["variant"], c["variant"])
         for r in c["rows"]:
-            clean = {"diff": r["test_clean_change"], "ci_low": r["test_clean_ci_low"], "ci_high": r["test_clean_ci_high"]}
-            robust = {"diff": r["test_robust_change"], "ci_low": r["test_robust_ci_low"], "ci_high": r["test_robust_ci_high"]}
+            clean, robust = _test_change(r, "clean"), _test_change(r, "robust")
             rows.append({"fine-tuned": label, "seeds": str(r["seed"]), "alpha": r["alpha"], "test images": 10000,
                          "clean change [95% CI]": _ci(clean), "robust change [95% CI]": _ci(robust), "verdict": _verdict(clean, robust, threshold)})
         if "over_seeds" in c:
             o = c["over_seeds"]
             rows.append({"fine-tuned": label, "seeds": f"mean over {', '.join(map(str, c['seeds']))}", "alpha": None, "test images": None,
-                         "clean change [95% CI]": f"{o['clean']['mean']:+.2f} [{o['clean']['ci_low']:+.2f}, {o['clean']['ci_high']:+.2f}]",
-                         "robust change [95% CI]": f"{o['robust']['mean']:+.2f} [{o['robust']['ci_low']:+.2f}, {o['robust']['ci_high']:+.2f}]",
+                         "clean change [95% CI]": _ci({**o["clean"], "diff": o["clean"]["mean"]}),
+                         "robust change [95% CI]": _ci({**o["robust"], "diff": o["robust"]["mean"]}),
                          "verdict": ""})
             pooled = c["pooled"]
             rows.append({"fine-tuned": label, "seeds": f"pooled {', '.join(map(str, c['seeds']))}", "alpha": None,
@@ -802,8 +803,7 @@ def study_confirmation_sentence(study: Mapping[str, Any]) -> str:
         first = next(r for r in c["rows"] if r["seed"] == 0)
         params = first["params"]
         head = (f"Among the paper's Table 3 choices, fine-tuning the {label} ({params} weights) instead of the least critical module "
-                f"won on seed 0's test split (clean {first['test_clean_change']:+.2f} [{first['test_clean_ci_low']:+.2f}, "
-                f"{first['test_clean_ci_high']:+.2f}], robust {first['test_robust_change']:+.2f} points)")
+                f"won on seed 0's test split (clean {_ci(_test_change(first, 'clean'))}, robust {first['test_robust_change']:+.2f} points)")
         if "pooled" not in c:
             parts.append(head + "; one seed among several comparisons can win by chance, and its repetition on the other seeds has not run")
             continue

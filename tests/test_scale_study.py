@@ -107,9 +107,9 @@ def test_the_confirmation_jobs_follow_seed_0s_table3(tmp_path):
     spec.loader.exec_module(script)
     run0 = tmp_path / script.run_name(8, 10000, 0)
     run0.mkdir()
-    header = "variant,params,test_clean_change,test_clean_ci_low,test_robust_change,test_robust_ci_low\n"
-    (run0 / "table3.csv").write_text(header + "least,576,0.5,0.1,0.0,-0.2\nmost,576,0.4,-0.1,0.0,-0.2\n")
-    (run0 / "table3b.csv").write_text(header + "last,640,0.32,0.06,0.21,-0.08\nall,175048,0.3,0.01,-0.5,-0.8\n")
+    header = "variant,params,test_clean_change,test_clean_ci_low,test_clean_ci_high,test_robust_change,test_robust_ci_low,test_robust_ci_high\n"
+    (run0 / "table3.csv").write_text(header + "least,576,0.5,0.1,0.9,0.0,-0.2,0.2\nmost,576,0.4,-0.1,0.9,0.0,-0.2,0.2\n")
+    (run0 / "table3b.csv").write_text(header + "last,640,0.32,0.06,0.56,0.21,-0.08,0.49\nall,175048,0.3,0.01,0.6,-0.5,-0.8,-0.2\n")
     pick = {"width": 8, "train": 10000, "setting": "rift"}
     names = [j.name for j in script.confirmations(tmp_path, pick)]
     assert names == ["w8-n10k-s1:confirm-last", "w8-n10k-s2:confirm-last"]  # 'all' lost robust accuracy; 'least' is RiFT's own
