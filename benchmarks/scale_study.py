@@ -578,6 +578,8 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
         if compare is not None:
             block["autoattack"] = compare.get("autoattack")
             block["pgd_same_run"] = {"clean": compare["clean"], "robust": compare["robust"]}
+            if block["autoattack"]:
+                block["autoattack"]["pgd_same_images"] = _pgd_on_autoattack_images(root / run_name(width, train, 0), block["autoattack"])
         # from seed 0's summary rows (carried ones included), so a carried seed 0 keeps its confirmations
         winners = table3_winners(seeds[0]["variants"]) if seeds and seeds[0]["seed"] == 0 else []
         carried_confirmations = {c["variant"]: c for c in (before.get("headline") or {}).get("confirmations", [])}
@@ -602,6 +604,27 @@ def _headline_diffs(seeds: list[dict[str, Any]], pick: dict[str, Any]) -> list[d
             continue
         row = [r for r in s["variants"] if r["setting"] == pick["setting"] and r["variant"] == pick["variant"]][0]
         out.append({k: {"diff": row[f"test_{k}_change"]} for k in ("clean", "robust")})
+    return out
+
+
+def _pgd_on_autoattack_images(run: Path, aa: dict[str, Any]) -> dict[str, Any]:
+    """PGD-10 on the images AutoAttack attacked (the first ``n`` of test), from the run's per-image test results (the
+    same attack seed as ``compare``), and the masking checks on them. Refused when those images' clean accuracy is not
+    AutoAttack's: then they are not the same images."""
+    from riftlab.checkpoint import read_checkpoint
+    from riftlab.evaluation.sanity import autoattack_checks
+
+    saved, n, out = read_checkpoint(run / "test_correct.pt"), aa["n"], {"n": aa["n"]}
+    for tag, model in (("a", "at"), ("b", "rift")):
+        clean = 100.0 * int(saved[model]["clean"][:n].sum()) / n  # counted, so the comparison is of whole images
+        if abs(clean - aa[tag]["clean_acc"]) > 0.5 * 100.0 / n:
+            raise SystemExit(f"{run}: clean accuracy of {model} on the first {n} test images is {clean:.2f} in test_correct.pt but "
+                             f"{aa[tag]['clean_acc']:.2f} in AutoAttack's report: not the same images or model; rerun the autoattack job")
+        pgd = round(100.0 * int(saved[model]["robust"][:n].sum()) / n, 4)
+        reported = (aa.get("pgd_robust_acc") or {}).get(tag)  # riftlab compare's own figure, where it wrote one
+        if reported is not None and abs(reported - pgd) > 0.5 * 100.0 / n:
+            raise SystemExit(f"{run}: PGD on the first {n} test images of {model}: {pgd} from test_correct.pt, {reported} from compare")
+        out[tag] = {"pgd_robust_acc": pgd, "checks": [c.to_dict() for c in autoattack_checks(pgd, aa[tag]["robust_acc"], n)]}
     return out
 
 

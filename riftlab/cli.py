@@ -544,8 +544,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     continue
                 runs[tag] = autoattack_accuracy(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.eval_batch_size, per_image=True,
                                                 log_path=ctx.path(f"autoattack-{Path(path).stem}-{args.split}.log"))
+            # PGD on the same first N images, from the masks above (same starts): AutoAttack's gap to it is the masking check
+            pgd_same = {tag: round(100.0 * int(result[tag]["robust_correct"][:len(first)].sum()) / len(first), 4) for tag in ("a", "b")}
             report["autoattack"] = {"n": len(first), "a": without_masks(runs["a"]), "b": without_masks(runs["b"]),
-                                    "robust": paired_difference(runs["a"]["robust_correct"], runs["b"]["robust_correct"])}
+                                    "robust": paired_difference(runs["a"]["robust_correct"], runs["b"]["robust_correct"]),
+                                    "pgd_robust_acc": pgd_same}
         ctx.write_json(name, report)
         return report
 
@@ -560,8 +563,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(f"B - A, {kind}: {format_difference(report[kind])} points (95% paired interval; images +gained/-lost)")
     if args.autoattack:
         aa = report["autoattack"]
+        pgd_same = aa.get("pgd_robust_acc")  # absent from a report an earlier riftlab wrote
+        beside = f" (PGD-{cfg.eval_steps} on them: A {pgd_same['a']:.2f}, B {pgd_same['b']:.2f})" if pgd_same else ""
         print(f"AutoAttack (standard) on the first {aa['n']} images: A {aa['a']['robust_acc']:.2f}, B {aa['b']['robust_acc']:.2f}; "
-              f"B - A {format_difference(aa['robust'])}")
+              f"B - A {format_difference(aa['robust'])}{beside}")
     print(f"wrote {out / name}")
     return 0
 

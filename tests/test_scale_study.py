@@ -117,6 +117,22 @@ def test_the_confirmation_jobs_follow_seed_0s_table3(tmp_path):
     assert job.deps == ["w8-n10k-s1"] and job.args[job.args.index("--variants") + 1] == "last" and "--seed" in job.args
 
 
+def test_autoattack_sits_beside_pgd_on_the_same_images(study):
+    from riftlab.evaluation.sanity import autoattack_checks
+
+    aa = study["headline"]["autoattack"]
+    same = aa["pgd_same_images"]
+    assert aa["n"] == same["n"] == 1000 and aa["a"]["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    for tag in ("a", "b"):
+        assert aa[tag]["robust_acc"] <= aa[tag]["clean_acc"]
+        again = [c.to_dict() for c in autoattack_checks(same[tag]["pgd_robust_acc"], aa[tag]["robust_acc"], aa["n"])]
+        assert same[tag]["checks"] == again  # the reported checks are what the stored numbers give
+    d = aa["robust"]
+    again = paired_difference(*_pairs(d["gained"], d["lost"], d["n"]))
+    assert (again["diff"], again["ci_low"], again["ci_high"]) == pytest.approx((d["diff"], d["ci_low"], d["ci_high"]), abs=1e-9)
+    assert d["diff"] == pytest.approx(aa["b"]["robust_acc"] - aa["a"]["robust_acc"], abs=1e-9)
+
+
 def test_provenance_names_commands_commit_machine_and_wall_times(study):
     provenance = study["provenance"]
     assert provenance["runs"] and all(len(r["commit"]) == 40 and r["machine"]["cpu"] for r in provenance["runs"])
@@ -144,6 +160,9 @@ def test_the_study_script_runs_end_to_end_at_tiny_sizes(tmp_path):
     summary = json.loads((out / "study.json").read_text())
     assert [r["width"] for r in summary["trend"]] == [4, 8] and len(summary["headline"]["runs"]) == 3
     assert summary["checkpoints"]["tie_check"]["images"] == 50 and (out / "checkpoints").is_dir()
+    compared = json.loads((root / "w8-n1k-s0" / "compare-at-rift-test.json").read_text())["autoattack"]
+    same = summary["headline"]["autoattack"]["pgd_same_images"]  # from the run's per-image results; compare's own figure agrees
+    assert {tag: same[tag]["pgd_robust_acc"] for tag in ("a", "b")} == compared["pgd_robust_acc"] and same["n"] == compared["n"] == 20
     loaded = book.study_results(out / "study.json")
     assert book.study_tie_check(loaded)["agrees (within 2 images)"].all()
     assert len(book.study_trend(loaded)) == 2 and book.study_summary_sentence(loaded).endswith(".")
