@@ -613,18 +613,19 @@ def _pgd_on_autoattack_images(run: Path, aa: dict[str, Any]) -> dict[str, Any]:
     AutoAttack's: then they are not the same images."""
     from riftlab.checkpoint import read_checkpoint
     from riftlab.evaluation.sanity import autoattack_checks
+    from riftlab.evaluation.stats import paired_difference
 
     saved, n, out = read_checkpoint(run / "test_correct.pt"), aa["n"], {"n": aa["n"]}
+    clean, pgd = (paired_difference(saved["at"][kind][:n], saved["rift"][kind][:n]) for kind in ("clean", "robust"))
     for tag, model in (("a", "at"), ("b", "rift")):
-        clean = 100.0 * int(saved[model]["clean"][:n].sum()) / n  # counted, so the comparison is of whole images
-        if abs(clean - aa[tag]["clean_acc"]) > 0.5 * 100.0 / n:
-            raise SystemExit(f"{run}: clean accuracy of {model} on the first {n} test images is {clean:.2f} in test_correct.pt but "
+        clean_acc, pgd_acc = clean[f"acc_{tag}"], pgd[f"acc_{tag}"]
+        if abs(clean_acc - aa[tag]["clean_acc"]) > 0.5 * 100.0 / n:  # counted accuracies: apart by whole images
+            raise SystemExit(f"{run}: clean accuracy of {model} on the first {n} test images is {clean_acc:.2f} in test_correct.pt but "
                              f"{aa[tag]['clean_acc']:.2f} in AutoAttack's report: not the same images or model; rerun the autoattack job")
-        pgd = round(100.0 * int(saved[model]["robust"][:n].sum()) / n, 4)
         reported = (aa.get("pgd_robust_acc") or {}).get(tag)  # riftlab compare's own figure, where it wrote one
-        if reported is not None and abs(reported - pgd) > 0.5 * 100.0 / n:
-            raise SystemExit(f"{run}: PGD on the first {n} test images of {model}: {pgd} from test_correct.pt, {reported} from compare")
-        out[tag] = {"pgd_robust_acc": pgd, "checks": [c.to_dict() for c in autoattack_checks(pgd, aa[tag]["robust_acc"], n)]}
+        if reported is not None and abs(reported - pgd_acc) > 0.5 * 100.0 / n:
+            raise SystemExit(f"{run}: PGD on the first {n} test images of {model}: {pgd_acc} from test_correct.pt, {reported} from compare")
+        out[tag] = {"pgd_robust_acc": pgd_acc, "checks": [c.to_dict() for c in autoattack_checks(pgd_acc, aa[tag]["robust_acc"], n)]}
     return out
 
 

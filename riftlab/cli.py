@@ -545,10 +545,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 runs[tag] = autoattack_accuracy(model, x, y, cfg.eps, seed=cfg.seed, batch_size=cfg.eval_batch_size, per_image=True,
                                                 log_path=ctx.path(f"autoattack-{Path(path).stem}-{args.split}.log"))
             # PGD on the same first N images, from the masks above (same starts): AutoAttack's gap to it is the masking check
-            pgd_same = {tag: round(100.0 * int(result[tag]["robust_correct"][:len(first)].sum()) / len(first), 4) for tag in ("a", "b")}
+            pgd_same = paired_difference(result["a"]["robust_correct"][:len(first)], result["b"]["robust_correct"][:len(first)])
             report["autoattack"] = {"n": len(first), "a": without_masks(runs["a"]), "b": without_masks(runs["b"]),
                                     "robust": paired_difference(runs["a"]["robust_correct"], runs["b"]["robust_correct"]),
-                                    "pgd_robust_acc": pgd_same}
+                                    "pgd_robust_acc": {"a": pgd_same["acc_a"], "b": pgd_same["acc_b"]}}
         ctx.write_json(name, report)
         return report
 
