@@ -96,6 +96,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for all steps together (default: 8 minutes)")
     parser.add_argument("--skip", default="", help="comma-separated steps to skip: tests, speed, mrc, wrn")
+    parser.add_argument("--speed-args", default="", help="extra options for benchmarks/speed.py (e.g. '--skip baseline-pipeline')")
+    parser.add_argument("--wrn-args", default="", help="extra options for the WRN-34-10 epoch (e.g. '--train 10000')")
     args = parser.parse_args()
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -128,6 +130,7 @@ def main() -> int:
         cmd = [sys.executable, "benchmarks/speed.py", "--device", args.device, "--json", str(speed_json)]
         if args.smoke:
             cmd.append("--smoke")
+        cmd += args.speed_args.split()
         report["steps"]["speed"] = _run(cmd, timeout=min(300.0, max(10.0, left() - 90)))
         if speed_json.is_file():
             report["steps"]["speed"]["results"] = json.loads(speed_json.read_text())
@@ -147,15 +150,19 @@ def main() -> int:
                "--json", str(wrn_json)]
         if args.smoke:
             cmd += ["--smoke"]
+        cmd += args.wrn_args.split()
         report["steps"]["wrn34_10_at_epoch"] = _run(cmd, timeout=max(10.0, left()))
         if wrn_json.is_file():
             report["steps"]["wrn34_10_at_epoch"]["results"] = json.loads(wrn_json.read_text())
             wrn_json.unlink()
         save()
     failed = [name for name, step in report["steps"].items() if step.get("returncode") not in (0, None) or "error" in step]
-    report["failed"] = failed
+    cut = [name for name, step in report["steps"].items() if step.get("timed_out")]  # stopped at its time limit: partial figures
+    report["failed"], report["cut_short"] = failed, cut
     save()
-    print(f"wrote {path} ({report['seconds']:.0f} s); " + (f"failed: {', '.join(failed)}" if failed else "every step ran"))
+    print(f"wrote {path} ({report['seconds']:.0f} s); " + "; ".join(
+        [f"failed: {', '.join(failed)}"] * bool(failed) + [f"cut short by the time limit: {', '.join(cut)}"] * bool(cut)
+        or ["every step ran to its end"]))
     return 1 if failed else 0
 
 

@@ -14,6 +14,18 @@ standard AutoAttack on the first 1000 test images beside PGD-10.
     python benchmarks/scale_study.py status                # what is done, running, waiting
     python benchmarks/scale_study.py summarize             # results/scale_study/study.json and the book's checkpoints
 
+The width-64 row (``--gpu``: the paper's ResNet-18 on all 55000 training images, PGD-10 AT) needs a GPU. Its one
+prepared command, for a lent H100/H200 (``device``), after copying the data into the tree that travels
+(``mkdir -p runs/gpu-data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz runs/gpu-data/fashion-mnist/``,
+carried as ``runs/gpu-data``; about 30 MB)::
+
+    export PYTHONUNBUFFERED=1 RIFTLAB_DATA=$PWD/runs/gpu-data
+    timeout 480 python3 benchmarks/scale_study.py run --gpu --phase 1 --only w64-n55k-s0 --root runs/scale_study_gpu --jobs 1 --threads 1
+    pkill -f 'riftlab rift'; tar czf $OUT/w64.tgz --exclude=at.pt --exclude=ft.pt --exclude=rift.pt --exclude=progress -C runs scale_study_gpu
+
+and back here: ``tar xzf w64.tgz -C runs`` and ``summarize --big --gpu --root runs/scale_study_gpu --carry
+results/scale_study/study.json`` (the CPU rows come from the committed summary; the new row is added to the trend).
+
 Every job is one ``riftlab`` command (``rift``, ``ablate`` or ``compare``) with ``--resume``; its
 log is ``<root>/logs/<job>.log`` and its record (command, start, end, wall time, exit code) is in
 ``<root>/jobs.json``. Kill the runner at any time and start it again: finished jobs are skipped and
@@ -49,6 +61,13 @@ BIG = [(16, 10000), (32, 10000), (8, 55000)]  # --big: the wider nets and the fu
 # 78.87 / 69.75 unpinned on an AVX-512 one). Every job therefore runs on the AVX2 kernels on x86 (as the Makefile
 # pins them for the notebooks), so a run can be repeated, and checked (`summarize --carry`), on another machine.
 KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"} if platform.machine() == "x86_64" else {}
+# --gpu: the paper's ResNet-18 (width 64) on all 55000 training images with PGD-10 AT (step eps / 4, the attack the
+# study evaluates with), one CUDA job (bf16 autocast: precision auto). It is a row of the trend, not of the grid the
+# headline rule reads (the rule was fixed on the CPU grid before any result was seen). Estimated at 4 to 6 minutes of an
+# H100/H200 (PGD-10 AT, 10 epochs of 430 batches of 128: about 47000 forward-backward passes); not yet measured.
+GPU = [(64, 55000)]
+GPU_DEVICE = "cuda"  # --smoke runs the GPU row's jobs on the CPU (the tests have no GPU)
+GPU_AT = ["--at-attack-steps", "10", "--at-attack-step", "0.025"]
 MIDDLE = (8, 10000)  # the labelled variants run here; the headline when no configuration wins
 HEADLINE_SEEDS = (1, 2)
 
@@ -84,9 +103,10 @@ def run_name(width: int, train: int, seed: int) -> str:
 
 
 def config_args(width: int, train: int, seed: int) -> list[str]:
-    """The options every command of one run shares: the study profile, the width, the data and the seed."""
-    return ["--profile", "study", "--width", str(width), "--train-subset", str(train), "--seed", str(seed), "--device", "cpu",
-            "--no-progress"]
+    """The options every command of one run shares: the study profile, the width, the data, the seed and the device
+    (the GPU rows: CUDA and PGD-10 AT)."""
+    device = ["--device", GPU_DEVICE, *GPU_AT] if (width, train) in GPU else ["--device", "cpu"]
+    return ["--profile", "study", "--width", str(width), "--train-subset", str(train), "--seed", str(seed), *device, "--no-progress"]
 
 
 @dataclass
@@ -119,17 +139,18 @@ def variant_folders(width: int, train: int) -> list[str]:
     return list(VARIANTS) if (width, train) == MIDDLE else []
 
 
-def configurations(big: bool) -> list[tuple[int, int]]:
-    """Every (width, training images) of the study, smallest data first."""
-    return GRID + LARGER_DATA + (BIG if big else [])
+def configurations(big: bool, gpu: bool = False) -> list[tuple[int, int]]:
+    """Every (width, training images) of the study, smallest data first; with ``gpu``, the GPU rows last."""
+    return GRID + LARGER_DATA + (BIG if big else []) + (GPU if gpu else [])
 
 
-def phase1(root: Path, big: bool) -> tuple[list[Job], list[Job]]:
+def phase1(root: Path, big: bool, gpu: bool = False) -> tuple[list[Job], list[Job]]:
     """The seed-0 grid: (core, extra). Core: the grid's RiFT runs (what :func:`headline` reads), the middle
-    configuration first; extra: the other data sizes' runs, then the labelled variants (after the headline's seeds)."""
+    configuration first; extra: the other data sizes' runs (and the GPU rows), then the labelled variants (after the
+    headline's seeds)."""
     order = sorted(GRID, key=lambda wn: wn != MIDDLE)
     rifts = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in order]
-    others = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in configurations(big) if (w, n) not in GRID]
+    others = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in configurations(big, gpu) if (w, n) not in GRID]
     variants = [j for w, n in configurations(big) for j in jobs_for(root, w, n, 0)[1:]]
     return rifts, others + variants
 
@@ -302,7 +323,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None) -> int:
+def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None, gpu: bool = False) -> int:
     """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names (their inputs must be
     among them or already done), e.g. to continue the committed study on a machine whose runs were lost."""
     root.mkdir(parents=True, exist_ok=True)
@@ -314,7 +335,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
     failed: set[str] = set()
     adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
     while True:
-        core, extra = phase1(root, big)
+        core, extra = phase1(root, big, gpu)
         # once chosen the headline stays (variants that finish later cannot move it)
         pick = (ledger.get("_headline") or headline(root, big)) if phase in ("2", "all") else None
         if pick is not None and ledger.get("_headline") != pick:
@@ -379,10 +400,10 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
         time.sleep(5)
 
 
-def _all_jobs(root: Path, big: bool) -> list[Job]:
+def _all_jobs(root: Path, big: bool, gpu: bool = False) -> list[Job]:
     """Every job the study can run: phase 1's and phase 2's for the middle configuration (the headline when none
     wins) or for the headline already chosen in the ledger."""
-    core, extra = phase1(root, big)
+    core, extra = phase1(root, big, gpu)
     ledger = _read(root / "jobs.json") or {}
     pick = ledger.get("_headline") or headline(root, big) or {"width": MIDDLE[0], "train": MIDDLE[1], "setting": "rift"}
     return core + extra + phase2(root, pick)
@@ -411,9 +432,9 @@ def _alive(pid_file: Path) -> bool:
     return Path(f"/proc/{pid}/cmdline").is_file() and b"riftlab" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
-def status(root: Path, big: bool) -> None:
+def status(root: Path, big: bool, gpu: bool = False) -> None:
     ledger = _read(root / "jobs.json") or {}
-    core, extra = phase1(root, big)
+    core, extra = phase1(root, big, gpu)
     jobs = list(core)
     pick = ledger.get("_headline") or headline(root, big)
     if pick is not None:
@@ -446,8 +467,9 @@ def _machine() -> dict[str, Any]:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    gpu = {"gpu": torch.cuda.get_device_name(0), "cuda": torch.version.cuda} if torch.cuda.is_available() else {}
     return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, **gpu}
 
 
 def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str, Any]) -> dict[str, Any] | None:
@@ -474,7 +496,10 @@ def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str
         if starts:
             record["first_started"] = starts[0]
             record["starts"] = len(starts)
-    return {"name": name, "width": width, "train": train, "seed": seed, "module": results["module"], "alpha": results["alpha"],
+    cfg = results["config"]
+    at = {"method": cfg["at_method"], "attack_steps": cfg["at_attack_steps"], "attack_step": cfg["at_attack_step"],
+          "epochs": cfg["at_epochs"], "device": cfg["device"], "precision": cfg["precision"]}
+    return {"name": name, "width": width, "train": train, "seed": seed, "at": at, "module": results["module"], "alpha": results["alpha"],
             "finetune_best_epoch": results["finetune_best_epoch"], "finetune_relative_change": results["finetune_relative_change"],
             "validation": results["validation"], "test": results["test"],
             "mrc": {"least": least["module"], "least_mrc": least["mrc"], "least_params": least["params"],
@@ -524,7 +549,7 @@ def _sessions(carried: list[dict[str, Any]], here: list[dict[str, Any]]) -> list
     return [*carried, *(s for s in here if s not in carried)]
 
 
-def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None) -> None:
+def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None, gpu: bool = False) -> None:
     """``out/study.json`` from the runs under ``root``; with ``carry`` (a committed study.json), runs missing from
     ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`)."""
     from riftlab.evaluation.stats import over_seeds
@@ -537,7 +562,7 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
     old_runs: dict[str, list[dict[str, Any]]] = {}
     for r in [*before.get("trend", []), *((before.get("headline") or {}).get("runs", []))]:
         old_runs.setdefault(r["name"], []).append(r)
-    runs = [s for w, n in configurations(big)
+    runs = [s for w, n in configurations(big, gpu)
             if (s := _carry(run_name(w, n, 0), _run_summary(root, w, n, 0, ledger), old_runs, source)) is not None]
     pick = ledger.get("_headline") or headline(root, big)
     old_pick = (before.get("headline") or {}).get("pick")
@@ -703,13 +728,15 @@ def main() -> int:
                         help="summarize: a committed study.json whose runs are not under --root (lost with a machine); runs in both must agree")
     parser.add_argument("--only", default=None, help="run: comma-separated job names (see `status`); the others are left alone")
     parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
+    parser.add_argument("--gpu", action="store_true", help=f"also the GPU row(s) {GPU} (CUDA, PGD-10 AT; not read by the headline rule)")
     parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and widths 4 and 8 on 1000 images: checks the script, not RiFT")
     args = parser.parse_args()
     if args.smoke:
-        global GRID, LARGER_DATA, MIDDLE
+        global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE
         SMOKE.update(_SMOKE)
         GRID, LARGER_DATA, MIDDLE = [(4, 1000), (8, 1000)], [], (8, 1000)
+        GPU[:], GPU_DEVICE = [(16, 1000)], "cpu"  # in place: the --gpu help above already read the list
     if args.action == "run":
         ledger = _read(args.root / "jobs.json") or {}
         if ledger.get("_threads", args.threads) != args.threads:
@@ -724,14 +751,14 @@ def main() -> int:
         only = None
         if args.only is not None:
             only = {name.strip() for name in args.only.split(",") if name.strip()}
-            known = {j.name for j in _all_jobs(args.root, args.big)}
+            known = {j.name for j in _all_jobs(args.root, args.big, args.gpu)}
             if unknown := sorted(only - known):
                 raise SystemExit(f"--only: no job named {', '.join(unknown)}; the study's jobs are: {', '.join(sorted(known))}")
-        return run(args.root, args.jobs, args.threads, args.big, args.phase, only)
+        return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu)
     if args.action == "status":
-        status(args.root, args.big)
+        status(args.root, args.big, args.gpu)
         return 0
-    summarize(args.root, args.out, args.big, args.tie_images, args.carry)
+    summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu)
     return 0
 
 

@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import json
+import os
 import platform
 import sys
 import time
@@ -365,6 +366,24 @@ def main(argv: list[str] | None = None) -> int:
             ratio = riftlab_value / baseline_value if higher_is_better else baseline_value / riftlab_value
         metrics[key] = {"label": label, "unit": unit, "riftlab": riftlab_value, "baseline": baseline_value, "ratio": ratio}
 
+    def save() -> dict[str, Any]:
+        """The report so far; with --json, written there (atomically) after every part, so that a run stopped by a time
+        limit keeps the parts it measured (``finished`` says whether every part ran)."""
+        report = {
+            "device": name, "torch": torch.__version__, "riftlab": riftlab.__version__, "dtype": f"riftlab {riftlab_dtype}, baseline float32",
+            "config": {k: v for k, v in vars(args).items() if k not in ("run", "run_baseline")},
+            "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "mrc_examples": len(mrc_data)},
+            "metrics": metrics, "notes": notes, "targets": targets(metrics, args, name), "parts_done": list(done),
+            "finished": all(part in done for part in PARTS if args.run[part]),
+        }
+        if args.json:
+            tmp = f"{args.json}.tmp"
+            with open(tmp, "w") as fh:
+                json.dump(report, fh, indent=2)
+            os.replace(tmp, args.json)
+        return report
+
+    done: list[str] = []
     clock = Clock(device)
     train_batches = Batches(splits.train, args.batch, shuffle=True, augment=True, crop_padding=info.crop_padding, device=device, seed=args.seed)
     warm = Batches(splits.train.subset(args.warmup_batches * args.batch, seed=args.seed + 5), args.batch, shuffle=True, augment=True,
@@ -414,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                      "the baseline's extra weight gradients in PGD are not counted as useful work)")
         if peak is None:
             notes.append("bf16 peak unknown for this device (n/a); pass --peak-tflops to set one")
+        done.append("at")
+        save()
 
     # The AT model the other stages start from (the same weights for both paths).
     source = fresh_model()
@@ -468,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"riftlab's evaluate attacks only the clean-correct images ({r_result['clean_acc']:.1f}% here); the baseline "
                      "attacks all of them, as the reference does: the eval speed-up depends on the model's clean accuracy; "
                      "the 'every image attacked' row runs riftlab's pgd on all images for a like-for-like comparison")
+        done.append("eval")
+        save()
 
     # --- MRC and the whole pipeline (MRC + fine-tuning + interpolation on validation) ---------
     if args.run["mrc"] or args.run["pipeline"]:
@@ -476,6 +499,18 @@ def main(argv: list[str] | None = None) -> int:
         peaks: dict[str, float | None] = {}
         chosen: dict[str, str] = {}
         model = source
+
+        def record_mrc() -> None:
+            r, b = stages["riftlab"], stages["baseline"]
+            n_mod = len(weight_modules(source))
+            record("mrc_adv_s", f"MRC adversarial set, PGD-{args.steps} on {len(mrc_data)} (s)", "s", r["adv"], b.get("adv"))
+            record("mrc_ascent_s", f"MRC ascent, {n_mod} modules x {args.mrc_passes} passes (s)", "s", r["ascent"], b.get("ascent"))
+            record("mrc_total_s", "MRC all modules, total (s)", "s", r["mrc"], b.get("mrc"))
+            if args.run["pipeline"]:
+                record("pipeline_s", f"pipeline: MRC + {args.ft_epochs} FT epochs + {len(DEFAULT_ALPHAS)}-point curve (s)", "s",
+                       r["pipeline"], b.get("pipeline"))
+            record("mrc_pipeline_peak_gib", "MRC/pipeline peak GPU memory (GiB)", "GiB", peaks.get("riftlab"), peaks.get("baseline"))
+
         with clock():
             t0 = time.perf_counter()
             adv = adversarial_set(model, Batches(mrc_data, args.eval_batch, device=device), EPS, STEP, args.steps, seed=args.seed)
@@ -494,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                 select_alpha(curve)
         stages["riftlab"] = {"adv": t1 - t0, "ascent": t2 - t1, "mrc": t2 - t0, "pipeline": clock.seconds if args.run["pipeline"] else None}
         peaks["riftlab"] = clock.peak_gib
+        record_mrc()  # riftlab's figures now, so that a run stopped during the (slower) baseline keeps them
+        save()
         if args.run_baseline["mrc"] or (args.run_baseline["pipeline"] and args.run["pipeline"]):
             model = baseline_model()
             model.load_state_dict(source.state_dict())
@@ -518,29 +555,14 @@ def main(argv: list[str] | None = None) -> int:
             stages["baseline"] = {"adv": t1 - t0, "ascent": t2 - t1, "mrc": t2 - t0,
                                   "pipeline": clock.seconds if args.run_baseline["pipeline"] and args.run["pipeline"] else None}
             peaks["baseline"] = clock.peak_gib
-        r, b = stages["riftlab"], stages["baseline"]
-        n_mod = len(weight_modules(source))
-        record("mrc_adv_s", f"MRC adversarial set, PGD-{args.steps} on {len(mrc_data)} (s)", "s", r["adv"], b.get("adv"))
-        record("mrc_ascent_s", f"MRC ascent, {n_mod} modules x {args.mrc_passes} passes (s)", "s", r["ascent"], b.get("ascent"))
-        record("mrc_total_s", "MRC all modules, total (s)", "s", r["mrc"], b.get("mrc"))
-        if args.run["pipeline"]:
-            record("pipeline_s", f"pipeline: MRC + {args.ft_epochs} FT epochs + {len(DEFAULT_ALPHAS)}-point curve (s)", "s",
-                   r["pipeline"], b.get("pipeline"))
-        record("mrc_pipeline_peak_gib", "MRC/pipeline peak GPU memory (GiB)", "GiB", peaks.get("riftlab"), peaks.get("baseline"))
+        record_mrc()
         notes.append(f"chosen module: riftlab {chosen.get('riftlab')}, baseline {chosen.get('baseline', 'n/a')}"
                      + (" (they differ: the fine-tuning costs differ with the module's depth)"
                         if "baseline" in chosen and chosen["baseline"] != chosen["riftlab"] else ""))
 
-    report = {
-        "device": name, "torch": torch.__version__, "riftlab": riftlab.__version__, "dtype": f"riftlab {riftlab_dtype}, baseline float32",
-        "config": {k: v for k, v in vars(args).items() if k not in ("run", "run_baseline")},
-        "sizes": {"train": len(splits.train), "val": len(splits.val), "test": len(splits.test), "mrc_examples": len(mrc_data)},
-        "metrics": metrics, "notes": notes, "targets": targets(metrics, args, name),
-    }
+        done.extend(part for part in ("mrc", "pipeline") if args.run[part])
+    report = save()
     print(render(report))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
     return 0
 
 

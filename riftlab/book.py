@@ -607,12 +607,16 @@ def _verdict(clean: Mapping[str, Any], robust: Mapping[str, Any], threshold: flo
 
 
 def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per configuration of the study (seed 0): RiFT as defined, its test changes with their paired 95% intervals."""
+    """One row per configuration of the study (seed 0): how AT was run (attack, epochs, device), RiFT as defined and its
+    test changes with their paired 95% intervals."""
     threshold = study["provenance"]["threshold"]
     rows = []
     for r in study["trend"]:
         d = r["test"]["difference"]
-        rows.append({"width": r["width"], "training images": r["train"], "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
+        at = r["at"]
+        rows.append({"width": r["width"], "training images": r["train"],
+                     "AT": f"{at['method'].upper()}-{at['attack_steps']}, {at['epochs']} epoch{'s' if at['epochs'] != 1 else ''} ({at['device']})",
+                     "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
                      "MRC spread (most / least)": round(r["mrc"]["spread"], 1), "alpha": r["alpha"],
                      "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),
                      "clean change [95% CI]": _ci(d["clean"]), "robust change [95% CI]": _ci(d["robust"]),
@@ -704,15 +708,15 @@ def plot_study_trend(study: Mapping[str, Any]):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.0, 3.8))
-    by_data: dict[int, list[tuple[int, Mapping[str, Any]]]] = {}
+    by_data: dict[tuple[int, int], list[tuple[int, Mapping[str, Any]]]] = {}  # one line per training-set size and AT attack
     for r in study["trend"]:
-        by_data.setdefault(r["train"], []).append((r["width"], r["test"]["difference"]["clean"]))
-    for train, points in sorted(by_data.items()):
+        by_data.setdefault((r["train"], r["at"]["attack_steps"]), []).append((r["width"], r["test"]["difference"]["clean"]))
+    for (train, steps), points in sorted(by_data.items()):
         points.sort()
         xs = [w for w, _ in points]
         ys = [d["diff"] for _, d in points]
         err = [[d["diff"] - d["ci_low"] for _, d in points], [d["ci_high"] - d["diff"] for _, d in points]]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=f"RiFT as defined, {train} training images")
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=4, label=f"RiFT as defined, {train} training images, PGD-{steps} AT")
     variants = study_variants(study)
     shown = variants[~variants["fine-tuning"].str.startswith("RiFT as defined")]
     for i, (_, row) in enumerate(shown.iterrows()):

@@ -167,6 +167,7 @@ def test_the_study_script_runs_end_to_end_at_tiny_sizes(tmp_path):
     assert book.study_tie_check(loaded)["agrees (within 2 images)"].all()
     assert len(book.study_trend(loaded)) == 2 and book.study_summary_sentence(loaded).endswith(".")
     _continuing_after_lost_runs(tmp_path, root, out)
+    _the_gpu_row_joins_the_committed_trend(tmp_path, out)
 
 
 def _continuing_after_lost_runs(tmp_path, root, out):
@@ -214,3 +215,30 @@ def _continuing_after_lost_runs(tmp_path, root, out):
     assert again["test"] == committed["trend"][0]["test"]  # the same job, rerun alone, reproduces its numbers
     proc = script("run", "--only", "w4-n1k-s0,nosuch", cwd_root=fresh)
     assert proc.returncode != 0 and "no job named nosuch" in proc.stderr
+
+
+def _the_gpu_row_joins_the_committed_trend(tmp_path, out):
+    """The GPU row's prepared command (benchmarks/scale_study.py's docstring), at the smoke sizes on the CPU: the row
+    alone in its own root, with PGD-10 AT; then `summarize --gpu --carry` appends it to the committed trend and leaves
+    every other row and the headline as they were."""
+    gpu_root, merged_out = tmp_path / "gpu", tmp_path / "with-gpu"
+    for args in (["run", "--gpu", "--phase", "1", "--only", "w16-n1k-s0", "--jobs", "1", "--threads", "1"],
+                 ["summarize", "--gpu", "--out", str(merged_out), "--carry", str(out / "study.json")]):
+        proc = subprocess.run([sys.executable, "benchmarks/scale_study.py", *args, "--smoke", "--root", str(gpu_root)], cwd=REPO,
+                              capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in gpu_root.iterdir() if p.is_dir()) == ["logs", "w16-n1k-s0"]  # the row alone, not the grid
+    committed = json.loads((out / "study.json").read_text())
+    merged = json.loads((merged_out / "study.json").read_text())
+    plain = lambda run: {k: v for k, v in run.items() if k != "carried_from"}  # noqa: E731
+    assert [plain(r) for r in merged["trend"][:-1]] == [plain(r) for r in committed["trend"]]
+    assert [plain(r) for r in merged["headline"]["runs"]] == [plain(r) for r in committed["headline"]["runs"]]
+    assert merged["headline"]["pick"] == committed["headline"]["pick"] and merged["checkpoints"] == committed["checkpoints"]
+    row = merged["trend"][-1]
+    assert (row["name"], row["width"], row["train"]) == ("w16-n1k-s0", 16, 1000)
+    assert (row["at"]["attack_steps"], row["at"]["attack_step"]) == (10, 0.025)  # PGD-10 AT, where the CPU rows ran PGD-3
+    assert all(r["at"]["attack_steps"] == 3 for r in merged["trend"][:-1])
+    assert row["commands"]["w16-n1k-s0"][:2] == ["riftlab", "rift"] and row["wall_s"]["w16-n1k-s0"] > 0
+    assert any("--gpu" in s["command"] for s in merged["provenance"]["runs"])  # the GPU runner's session is in the provenance
+    table = book.study_trend(book.study_results(merged_out / "study.json"))
+    assert list(table["AT"]) == ["PGD-3, 1 epoch (cpu)"] * 2 + ["PGD-10, 1 epoch (cpu)"]

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# What one lent H100/H200 session runs (15 minutes of device time, start-up included), as two calls of at most
+# about 6 minutes each, so that either can be repeated once:
+#
+#   bash benchmarks/gpu_session.sh study OUT   # the scale study's width-64 row, with tests/test_cuda.py beside it
+#   bash benchmarks/gpu_session.sh speed OUT   # benchmarks/gpu_check.py without its tests: riftlab vs the baseline, WRN-34-10
+#
+# `study` runs the row in the background (its wall time is therefore not a benchmark: the CUDA tests share the GPU
+# for their first minute or two) and the tests in the foreground; the row is resumable, so a second `study` call on
+# the same (still warm) machine continues it. Its small files (results, curves, per-image test results, logs; not the
+# checkpoints) come back as OUT/w64.tgz; here: `tar xzf w64.tgz -C runs` and
+# `python benchmarks/scale_study.py summarize --big --gpu --root runs/scale_study_gpu --carry results/scale_study/study.json`.
+#
+# The data travels in the working tree: before the call, here,
+#   mkdir -p runs/gpu-data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz runs/gpu-data/fashion-mnist/
+# and carry `runs/gpu-data` (30 MB). ROW_LIMIT / TEST_LIMIT / SPEED_BUDGET (seconds) bound each part.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:?usage: gpu_session.sh study|speed OUT}
+out=${2:?usage: gpu_session.sh study|speed OUT}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export RIFTLAB_DATA=${RIFTLAB_DATA:-$PWD/runs/gpu-data}
+PY=${PY:-python3}
+started=$(date +%s)
+"$PY" - <<'EOF' | tee "$out/device.txt"
+import torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+if torch.cuda.is_available():
+    print("device", torch.cuda.get_device_name(0), "capability", torch.cuda.get_device_capability(0))
+EOF
+case $what in
+study)
+    root=runs/scale_study_gpu
+    row=${ROW:-w64-n55k-s0}
+    (timeout "${ROW_LIMIT:-330}" "$PY" benchmarks/scale_study.py run --gpu --phase 1 --only "$row" --root "$root" --jobs 1 --threads 4 \
+        ${SMOKE:+--smoke} >"$out/runner.log" 2>&1; echo "runner exit $?" >>"$out/runner.log") &
+    runner=$!
+    if [ -z "${SKIP_TESTS:-}" ]; then
+        timeout "${TEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/cuda-tests.log" 2>&1
+        echo "cuda tests exit $? after $(( $(date +%s) - started )) s"
+        tail -n 5 "$out/cuda-tests.log"
+    fi
+    wait "$runner"
+    # the row's job, if the runner's time limit left it running (its progress is saved; a rerun resumes it); by its pid
+    # file, never by name: other riftlab runs on the same machine are not ours to stop
+    [ -f "$root/logs/$row.pid" ] && kill "$(cat "$root/logs/$row.pid")" 2>/dev/null && sleep 2
+    tar czf "$out/w64.tgz" --exclude='*/at.pt' --exclude='*/ft.pt' --exclude='*/rift.pt' --exclude='*/progress' "$root" 2>/dev/null
+    tail -n 3 "$out/runner.log"
+    for log in "$root"/logs/*.log; do echo "== $log"; tail -n 15 "$log"; done
+    ;;
+speed)
+    # Full sizes for AT and evaluation; MRC on 5000 adversarial examples (the baseline's MRC, a deep copy of the network
+    # per module, would take minutes at 10000) and no baseline pipeline; the WRN-34-10 epoch on 10000 images.
+    "$PY" benchmarks/gpu_check.py --skip tests,mrc --budget "${SPEED_BUDGET:-330}" --out "$out" ${SMOKE:+--smoke --device cpu} \
+        --speed-args "--mrc-examples ${MRC_EXAMPLES:-5000} --skip baseline-pipeline" --wrn-args "--train ${WRN_TRAIN:-10000}"
+    for f in "$out"/gpu-check-*.json; do "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({k: {m: v.get(m) for m in ('returncode', 'seconds', 'timed_out')} for k, v in r['steps'].items()}))" "$f"; done
+    ;;
+*)
+    echo "unknown part $what: study or speed" >&2
+    exit 2
+    ;;
+esac
+echo "gpu_session $what: $(( $(date +%s) - started )) s"
