@@ -14,17 +14,13 @@ standard AutoAttack on the first 1000 test images beside PGD-10.
     python benchmarks/scale_study.py status                # what is done, running, waiting
     python benchmarks/scale_study.py summarize             # results/scale_study/study.json and the book's checkpoints
 
-The width-64 row (``--gpu``: the paper's ResNet-18 on all 55000 training images, PGD-10 AT) needs a GPU. Its one
-prepared command, for a lent H100/H200 (``device``), after copying the data into the tree that travels
-(``mkdir -p runs/gpu-data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz runs/gpu-data/fashion-mnist/``,
-carried as ``runs/gpu-data``; about 30 MB)::
-
-    export PYTHONUNBUFFERED=1 RIFTLAB_DATA=$PWD/runs/gpu-data
-    timeout 480 python3 benchmarks/scale_study.py run --gpu --phase 1 --only w64-n55k-s0 --root runs/scale_study_gpu --jobs 1 --threads 1
-    pkill -f 'riftlab rift'; tar czf $OUT/w64.tgz --exclude=at.pt --exclude=ft.pt --exclude=rift.pt --exclude=progress -C runs scale_study_gpu
-
-and back here: ``tar xzf w64.tgz -C runs`` and ``summarize --big --gpu --root runs/scale_study_gpu --carry
-results/scale_study/study.json`` (the CPU rows come from the committed summary; the new row is added to the trend).
+The width-64 row (``--gpu``: the paper's ResNet-18 on all 55000 training images, PGD-10 AT) needs a GPU. It ran on one
+H200 (2026-12-04) through ``benchmarks/gpu_session.sh study OUT`` (its header says how the data travels and how the
+result comes back): about 7 minutes of device time in two calls (the first stopped by its time limit during adversarial
+training, the second resumed it), adversarial training about 30 s per epoch. Its run files are committed under
+``results/scale_study/gpu_runs/``; a new GPU row joins the committed study with ``summarize --big --gpu --root
+runs/scale_study_gpu --carry results/scale_study/study.json`` (the CPU rows come from the committed summary), and a
+later CPU summary keeps it with ``summarize --big --gpu ... --carry`` too.
 
 Every job is one ``riftlab`` command (``rift``, ``ablate`` or ``compare``) with ``--resume``; its
 log is ``<root>/logs/<job>.log`` and its record (command, start, end, wall time, exit code) is in
@@ -63,8 +59,8 @@ BIG = [(16, 10000), (32, 10000), (8, 55000)]  # --big: the wider nets and the fu
 KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"} if platform.machine() == "x86_64" else {}
 # --gpu: the paper's ResNet-18 (width 64) on all 55000 training images with PGD-10 AT (step eps / 4, the attack the
 # study evaluates with), one CUDA job (bf16 autocast: precision auto). It is a row of the trend, not of the grid the
-# headline rule reads (the rule was fixed on the CPU grid before any result was seen). Estimated at 4 to 6 minutes of an
-# H100/H200 (PGD-10 AT, 10 epochs of 430 batches of 128: about 47000 forward-backward passes); not yet measured.
+# headline rule reads (the rule was fixed on the CPU grid before any result was seen). Measured on one H200: about
+# 7 minutes (adversarial training about 30 s per epoch of 430 batches of 128; MRC 10 s, fine-tuning 24 s, curve 8 s).
 GPU = [(64, 55000)]
 GPU_DEVICE = "cuda"  # --smoke runs the GPU row's jobs on the CPU (the tests have no GPU)
 GPU_AT = ["--at-attack-steps", "10", "--at-attack-step", "0.025"]
@@ -497,8 +493,10 @@ def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str
             record["first_started"] = starts[0]
             record["starts"] = len(starts)
     cfg = results["config"]
+    # the precision AT computed in (bf16 on a GPU with native bf16, fp32 on the CPU), as the run's lock recorded it
+    at_params = (((_read(run / "riftlab.lock") or {}).get("stages") or {}).get("at") or {}).get("params") or {}
     at = {"method": cfg["at_method"], "attack_steps": cfg["at_attack_steps"], "attack_step": cfg["at_attack_step"],
-          "epochs": cfg["at_epochs"], "device": cfg["device"], "precision": cfg["precision"]}
+          "epochs": cfg["at_epochs"], "device": cfg["device"], "precision": at_params.get("precision", cfg["precision"])}
     return {"name": name, "width": width, "train": train, "seed": seed, "at": at, "module": results["module"], "alpha": results["alpha"],
             "finetune_best_epoch": results["finetune_best_epoch"], "finetune_relative_change": results["finetune_relative_change"],
             "validation": results["validation"], "test": results["test"],
@@ -506,7 +504,8 @@ def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str
                     "most": mrc[-1]["module"], "most_mrc": mrc[-1]["mrc"], "spread": mrc[-1]["mrc"] / max(least["mrc"], 1e-12),
                     "least3x3": convs3, "table": mrc},
             "curve": curve, "variants": _variant_rows(run), "seconds": results["seconds"],
-            "commands": {k: v["command"] for k, v in jobs.items()}, "wall_s": {k: v.get("wall_s_total") for k, v in jobs.items()}}
+            "commands": {k: v["command"] for k, v in jobs.items()}, "wall_s": {k: v.get("wall_s_total") for k, v in jobs.items()},
+            **({"notes": notes} if (notes := {k: v["note"] for k, v in jobs.items() if v.get("note")}) else {})}
 
 
 # What a re-run must reproduce exactly for a carried summary to be merged with it (the timings may differ).

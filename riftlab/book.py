@@ -615,7 +615,8 @@ def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
         d = r["test"]["difference"]
         at = r["at"]
         rows.append({"width": r["width"], "training images": r["train"],
-                     "AT": f"{at['method'].upper()}-{at['attack_steps']}, {at['epochs']} epoch{'s' if at['epochs'] != 1 else ''} ({at['device']})",
+                     "AT": f"{at['method'].upper()}-{at['attack_steps']}, {at['epochs']} epoch{'s' if at['epochs'] != 1 else ''} "
+                           f"({at['device']}{'' if at['precision'] in ('auto', 'fp32') else ', ' + at['precision']})",
                      "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
                      "MRC spread (most / least)": round(r["mrc"]["spread"], 1), "alpha": r["alpha"],
                      "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),

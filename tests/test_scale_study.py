@@ -242,3 +242,33 @@ def _the_gpu_row_joins_the_committed_trend(tmp_path, out):
     assert any("--gpu" in s["command"] for s in merged["provenance"]["runs"])  # the GPU runner's session is in the provenance
     table = book.study_trend(book.study_results(merged_out / "study.json"))
     assert list(table["AT"]) == ["PGD-3, 1 epoch (cpu)"] * 2 + ["PGD-10, 1 epoch (cpu)"]
+
+
+def test_the_gpu_rows_committed_run_files_give_its_reported_numbers(study):
+    """Each GPU row (no checkpoint committed: 22 MB in fp16) is tied to its committed run files instead: the per-image
+    test results give the reported accuracies and paired intervals, and the MRC table, curve and chosen module and
+    alpha are the run's own."""
+    import csv
+
+    from riftlab.checkpoint import read_checkpoint
+
+    gpu_rows = [r for r in study["trend"] if r["at"]["device"] == "cuda"]
+    assert gpu_rows, "the study has no GPU row (results/scale_study/gpu_runs holds the width-64 run)"
+    for row in gpu_rows:
+        run = REPO / "results" / "scale_study" / "gpu_runs" / row["name"]
+        saved = read_checkpoint(run / "test_correct.pt")
+        for kind in ("clean", "robust"):
+            a, b = saved["at"][kind], saved["rift"][kind]
+            assert len(a) == len(b) == 10000
+            assert row["test"]["at"][f"{kind}_acc"] == pytest.approx(100 * int(a.sum()) / len(a), abs=1e-9)
+            assert row["test"]["rift"][f"{kind}_acc"] == pytest.approx(100 * int(b.sum()) / len(b), abs=1e-9)
+            again, d = paired_difference(a, b), row["test"]["difference"][kind]
+            assert (again["gained"], again["lost"]) == (d["gained"], d["lost"])
+            assert (again["ci_low"], again["ci_high"]) == pytest.approx((d["ci_low"], d["ci_high"]), abs=1e-9)
+        results = json.loads((run / "results.json").read_text())
+        assert (results["module"], results["alpha"]) == (row["module"], row["alpha"])
+        with open(run / "mrc.csv") as fh:
+            assert [r["module"] for r in csv.DictReader(fh)][0] == row["mrc"]["least"] == row["module"]
+        with open(run / "interpolation.csv") as fh:
+            assert [float(r["alpha"]) for r in csv.DictReader(fh)] == [p["alpha"] for p in row["curve"]]
+        assert results["config"]["device"] == "cuda" and results["config"]["at_attack_steps"] == row["at"]["attack_steps"] == 10
