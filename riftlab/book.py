@@ -606,6 +606,60 @@ def _verdict(clean: Mapping[str, Any], robust: Mapping[str, Any], threshold: flo
     return "no detectable change" if clean["ci_low"] <= 0 <= clean["ci_high"] else "gain, but robust drop"
 
 
+def _at_label(at: Mapping[str, Any]) -> str:
+    """How a run's AT model was trained, e.g. ``PGD-10, 10 epochs (cuda, bf16)`` (the precision only where it is not fp32)."""
+    epochs = f"{at['epochs']} epoch{'s' if at['epochs'] != 1 else ''}"
+    precision = "" if at["precision"] in ("auto", "fp32") else f", {at['precision']}"  # auto on the CPU is fp32
+    return f"{at['method'].upper()}-{at['attack_steps']}, {epochs} ({at['device']}{precision})"
+
+
+def study_machines(study: Mapping[str, Any]) -> str:
+    """Which machines ran the study's jobs, and where the GPU rows ran, in one sentence written from the provenance."""
+    seen: dict[str, str] = {}
+    for r in study["provenance"]["runs"]:
+        m = r["machine"]
+        what = f"{m['gpu']} (torch {m['torch']})" if m.get("gpu") else f"{m['cpu']} ({m['cores']} cores, torch {m['torch']})"
+        seen.setdefault(what, r["started"][:10])
+    gpu_rows = [f"width {r['width']} on {r['train']}" for r in study["trend"] if r["at"]["device"] == "cuda"]
+    text = "Study jobs ran on " + "; ".join(f"{what} from {day}" for what, day in seen.items())
+    if gpu_rows:
+        text += f"; the GPU ran the row{'s' if len(gpu_rows) > 1 else ''} {', '.join(gpu_rows)} images, the CPUs every other"
+    return text + f". {study['provenance']['threads_per_job']} thread per CPU job; summarised {study['provenance']['summarized'][:10]}."
+
+
+def study_curve(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """The validation interpolation curves of these runs: each alpha above 0 against alpha = 0 (the AT model), with the
+    paired 95% intervals the selection rule had in front of it; ``chosen`` marks the alpha the rule took."""
+    rows = []
+    for r in runs:
+        for c in r["curve"]:
+            if c["alpha"] > 0:
+                rows.append({"width": r["width"], "training images": r["train"], "seed": r["seed"],
+                             "module (weights)": f"{r['module']} ({r['mrc']['least_params']})", "alpha": c["alpha"],
+                             "clean change [95% CI]": _ci({"diff": c["clean_change"], "ci_low": c["clean_change_low"], "ci_high": c["clean_change_high"]}),
+                             "robust change [95% CI]": _ci({"diff": c["robust_change"], "ci_low": c["robust_change_low"], "ci_high": c["robust_change_high"]}),
+                             "chosen": "yes" if c["alpha"] == r["alpha"] else ""})
+    return pd.DataFrame(rows)
+
+
+def study_curve_sentence(run: Mapping[str, Any], threshold: float) -> str:
+    """What the selection rule had to choose from on one run's validation curve, in words written from its numbers: the
+    alpha with the largest clean change, its robust change against the rule's allowance, and the alpha the rule took."""
+    points = [c for c in run["curve"] if c["alpha"] > 0]
+    best = max(points, key=lambda c: (c["clean_change"], -c["alpha"]))
+    ci = lambda c, kind: _ci({"diff": c[f"{kind}_change"], "ci_low": c[f"{kind}_change_low"], "ci_high": c[f"{kind}_change_high"]})  # noqa: E731
+    text = (f"On validation, the largest clean change is {ci(best, 'clean')} points at alpha {best['alpha']:g}, with a robust change "
+            f"of {ci(best, 'robust')}")
+    if best["robust_change"] < -threshold - 1e-9:
+        text += f": more than the rule's {threshold:g}-point allowance"
+    chosen = next((c for c in points if c["alpha"] == run["alpha"]), None)
+    if chosen is None:
+        return text + f". No alpha above 0 kept robust accuracy within {threshold:g} points, so the rule took alpha 0 (the AT model)."
+    if chosen is best:
+        return text + ", and the rule took it."
+    return text + f". The rule took alpha {chosen['alpha']:g}: clean {ci(chosen, 'clean')}, robust {ci(chosen, 'robust')}."
+
+
 def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
     """One row per configuration of the study (seed 0): how AT was run (attack, epochs, device), RiFT as defined and its
     test changes with their paired 95% intervals."""
@@ -613,10 +667,8 @@ def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
     rows = []
     for r in study["trend"]:
         d = r["test"]["difference"]
-        at = r["at"]
         rows.append({"width": r["width"], "training images": r["train"],
-                     "AT": f"{at['method'].upper()}-{at['attack_steps']}, {at['epochs']} epoch{'s' if at['epochs'] != 1 else ''} "
-                           f"({at['device']}{'' if at['precision'] in ('auto', 'fp32') else ', ' + at['precision']})",
+                     "AT": _at_label(r["at"]),
                      "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
                      "MRC spread (most / least)": round(r["mrc"]["spread"], 1), "alpha": r["alpha"],
                      "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),
@@ -695,6 +747,14 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
     if pooled.get("clean") and pooled.get("robust"):
         lead += (f"; pooled over the seeds' {pooled['clean']['n']} paired test images, {_ci(pooled['clean'])} clean and "
                  f"{_ci(pooled['robust'])} robust points (exact paired 95% intervals)")
+    widest = max(study["trend"], key=lambda r: (r["width"], r["train"]))
+    if (widest["width"], widest["train"]) != (width, train):
+        d = widest["test"]["difference"]
+        at = widest["at"]
+        lead += (f". At the study's widest, a ResNet-18 of width {widest['width']} on {widest['train']} images, adversarially trained "
+                 f"with {at['method'].upper()}-{at['attack_steps']} on {'a GPU' if at['device'] == 'cuda' else 'the CPU'} (seed "
+                 f"{widest['seed']}), the rule took alpha {widest['alpha']:g} and the test change was {_ci(d['clean'])} clean and "
+                 f"{_ci(d['robust'])} robust points")
     missing = block.get("seeds_missing") or []
     if missing:
         lead += f" (seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)} of the plan did not finish in the study's session)"

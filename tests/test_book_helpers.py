@@ -284,3 +284,44 @@ def test_direction_follows_the_numbers_as_shown():
     assert book.direction(77.4, 77.0) == "falls" and book.direction(77.0, 77.4) == "rises"
     assert book.direction(77.41, 77.44) == "stays level"  # both shown as 77.4
     assert book.direction(1, 2, up="gains", down="loses") == "gains"
+
+
+def _curve_run(points, alpha):
+    """A run as the study stores it: (alpha, clean change, robust change) points with symmetric intervals of +-0.3."""
+    curve = [{"alpha": 0.0, "clean_change": 0.0, "clean_change_low": 0.0, "clean_change_high": 0.0, "robust_change": 0.0,
+              "robust_change_low": 0.0, "robust_change_high": 0.0}]
+    for a, clean, robust in points:
+        curve.append({"alpha": a, "clean_change": clean, "clean_change_low": clean - 0.3, "clean_change_high": clean + 0.3,
+                      "robust_change": robust, "robust_change_low": robust - 0.3, "robust_change_high": robust + 0.3})
+    return {"width": 64, "train": 55000, "seed": 0, "module": "layer3.0.shortcut.0", "mrc": {"least_params": 32768},
+            "curve": curve, "alpha": alpha}
+
+
+def test_curve_sentence_says_what_the_rule_had_and_took():
+    # the best clean point broke the allowance, a smaller alpha was taken
+    run = _curve_run([(0.5, 0.16, -0.02), (1.0, 0.34, -0.52)], alpha=0.5)
+    text = book.study_curve_sentence(run, threshold=0.1)
+    assert "+0.34 [+0.04, +0.64] points at alpha 1" in text and "more than the rule's 0.1-point allowance" in text
+    assert text.endswith("The rule took alpha 0.5: clean +0.16 [-0.14, +0.46], robust -0.02 [-0.32, +0.28].")
+    # the best point within the allowance: taken, no allowance claimed broken
+    run = _curve_run([(0.5, 0.08, 0.08), (1.0, 0.02, -0.05)], alpha=0.5)
+    text = book.study_curve_sentence(run, threshold=0.1)
+    assert text.endswith(", and the rule took it.") and "allowance" not in text
+    # nothing qualifies: alpha 0
+    run = _curve_run([(0.5, 0.10, -0.20), (1.0, 0.30, -0.60)], alpha=0.0)
+    assert book.study_curve_sentence(run, threshold=0.1).endswith("so the rule took alpha 0 (the AT model).")
+    table = book.study_curve([run])
+    assert list(table["alpha"]) == [0.5, 1.0] and list(table["chosen"]) == ["", ""]
+
+
+def test_study_machines_names_each_machine_and_the_gpu_rows():
+    def session(cpu, cores, torch_version, started, gpu=None):
+        return {"machine": {"cpu": cpu, "cores": cores, "torch": torch_version, **({"gpu": gpu} if gpu else {})}, "started": started}
+
+    study = {"provenance": {"runs": [session("AMD EPYC", 2, "2.14.1", "2026-12-02 01:00:00"), session("AMD EPYC", 2, "2.14.1", "2026-12-04 01:00:00"),
+                                     session("Xeon", 16, "2.11.0", "2026-12-04 17:01:34", gpu="NVIDIA H200")],
+                            "threads_per_job": 1, "summarized": "2026-12-04 19:00:00"},
+             "trend": [{"width": 8, "train": 10000, "at": {"device": "cpu"}}, {"width": 64, "train": 55000, "at": {"device": "cuda"}}]}
+    text = book.study_machines(study)
+    assert text.startswith("Study jobs ran on AMD EPYC (2 cores, torch 2.14.1) from 2026-12-02; NVIDIA H200 (torch 2.11.0) from 2026-12-04")
+    assert "the GPU ran the row width 64 on 55000 images, the CPUs every other" in text
