@@ -1,6 +1,6 @@
 """One prepared GPU check: riftlab's CUDA tests and its speed against the reference-style baseline, as JSON.
 
-    python benchmarks/gpu_check.py                    # on a GPU machine: about 8 minutes on one H100/H200
+    python benchmarks/gpu_check.py                    # on a GPU machine: all steps at full size
     python benchmarks/gpu_check.py --device cpu --smoke   # the same steps at tiny sizes (the test suite runs it)
 
 Steps, each with its own time limit so that a slow or failing one cannot eat the others' time:
@@ -13,6 +13,10 @@ Steps, each with its own time limit so that a slow or failing one cannot eat the
    baseline in the same run, with ratios;
 4. the MRC sweep with and without cached activations (same model and adversarial set);
 5. a WRN-34-10 PGD-10 AT epoch (riftlab only: the issue asks for the figure, not a target).
+
+Measured on one H200 (2026-12-04, ``benchmarks/results/gpu-check-nvidia-h200-2026-12-04.json``): the CUDA tests 88 s;
+``speed.py`` with MRC on 5000 examples and no baseline pipeline 191 s; the WRN-34-10 epoch on 10000 images 27 s (what
+``benchmarks/gpu_session.sh`` runs to fit a 15-minute lease; the full-size baseline MRC and pipeline would add minutes).
 
 Everything lands in ``--out`` (default ``benchmarks/results/``) as ``gpu-check-<device>-<date>.json``,
 rewritten after every step, so a run cut short still leaves what it measured.
