@@ -660,6 +660,25 @@ def study_curve_sentence(run: Mapping[str, Any], threshold: float) -> str:
     return text + f". The rule took alpha {chosen['alpha']:g}: clean {ci(chosen, 'clean')}, robust {ci(chosen, 'robust')}."
 
 
+def study_width_note(study: Mapping[str, Any]) -> str:
+    """Where a wider network on the same training images came out weaker (lower AT test clean and robust accuracy) than
+    a narrower one: such a row's change does not measure capacity alone. Written from the numbers; empty when none did."""
+    rows = sorted(study["trend"], key=lambda r: (r["train"], r["width"]))
+    pairs = []
+    for wide in rows:
+        narrower = [r for r in rows if r["train"] == wide["train"] and r["width"] < wide["width"]]
+        if narrower:
+            best = max(narrower, key=lambda r: r["test"]["at"]["clean_acc"])
+            w, n = wide["test"]["at"], best["test"]["at"]
+            if w["clean_acc"] < n["clean_acc"] and w["robust_acc"] < n["robust_acc"]:
+                pairs.append(f"width {wide['width']} ({w['clean_acc']:.2f} / {w['robust_acc']:.2f}) below width {best['width']} "
+                             f"({n['clean_acc']:.2f} / {n['robust_acc']:.2f}) on {wide['train']} images")
+    if not pairs:
+        return ""
+    return ("A wider network is not always a stronger one at this training budget: AT test clean / robust accuracy of "
+            + "; ".join(pairs) + ". Such a row's change does not measure capacity alone.")
+
+
 def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
     """One row per configuration of the study (seed 0): how AT was run (attack, epochs, device), RiFT as defined and its
     test changes with their paired 95% intervals."""
@@ -768,7 +787,7 @@ def plot_study_trend(study: Mapping[str, Any]):
     the labelled variants of the middle configuration beside them. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.0, 3.8))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
     by_data: dict[tuple[int, int], list[tuple[int, Mapping[str, Any]]]] = {}  # one line per training-set size and AT attack
     for r in study["trend"]:
         by_data.setdefault((r["train"], r["at"]["attack_steps"]), []).append((r["width"], r["test"]["difference"]["clean"]))
@@ -790,7 +809,7 @@ def plot_study_trend(study: Mapping[str, Any]):
     ax.set_xlabel("ResNet-18 width (channels of the first stage)")
     ax.set_ylabel("test clean change (points)")
     ax.set_title("AT+RiFT minus AT on 10000 Fashion-MNIST test images, 95% paired intervals")
-    ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below the axes: the plot keeps its width
     fig.tight_layout()
     return fig
 

@@ -325,3 +325,15 @@ def test_study_machines_names_each_machine_and_the_gpu_rows():
     text = book.study_machines(study)
     assert text.startswith("Study jobs ran on AMD EPYC (2 cores, torch 2.14.1) from 2026-12-02; NVIDIA H200 (torch 2.11.0) from 2026-12-04")
     assert "the GPU ran the row width 64 on 55000 images, the CPUs every other" in text
+
+
+def test_width_note_names_a_wider_model_only_where_it_is_weaker():
+    def row(width, train, clean, robust):
+        return {"width": width, "train": train, "test": {"at": {"clean_acc": clean, "robust_acc": robust}}}
+
+    study = {"trend": [row(8, 10000, 80.0, 72.0), row(16, 10000, 83.0, 73.0), row(32, 10000, 78.0, 65.0), row(8, 55000, 85.0, 76.0),
+                       row(64, 55000, 86.0, 78.0)]}
+    note = book.study_width_note(study)
+    assert "width 32 (78.00 / 65.00) below width 16 (83.00 / 73.00) on 10000 images" in note and "width 64" not in note
+    study["trend"][2] = row(32, 10000, 84.0, 72.5)  # wider and better clean: not weaker on both
+    assert book.study_width_note(study) == ""
