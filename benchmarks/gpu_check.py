@@ -164,9 +164,12 @@ def main() -> int:
     cut = [name for name, step in report["steps"].items() if step.get("timed_out")]  # stopped at its time limit: partial figures
     report["failed"], report["cut_short"] = failed, cut
     save()
-    print(f"wrote {path} ({report['seconds']:.0f} s); " + "; ".join(
-        [f"failed: {', '.join(failed)}"] * bool(failed) + [f"cut short by the time limit: {', '.join(cut)}"] * bool(cut)
-        or ["every step ran to its end"]))
+    outcome = []
+    if failed:
+        outcome.append(f"failed: {', '.join(failed)}")
+    if cut:
+        outcome.append(f"cut short by the time limit: {', '.join(cut)}")
+    print(f"wrote {path} ({report['seconds']:.0f} s); " + ("; ".join(outcome) or "every step ran to its end"))
     return 1 if failed else 0
 
 

@@ -471,6 +471,8 @@ def _machine() -> dict[str, Any]:
 def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str, Any]) -> dict[str, Any] | None:
     import csv
 
+    from riftlab.engine.runner import RunDir
+
     name = run_name(width, train, seed)
     run = root / name
     results = _read(run / "results.json")
@@ -494,7 +496,7 @@ def _run_summary(root: Path, width: int, train: int, seed: int, ledger: dict[str
             record["starts"] = len(starts)
     cfg = results["config"]
     # the precision AT computed in (bf16 on a GPU with native bf16, fp32 on the CPU), as the run's lock recorded it
-    at_params = (((_read(run / "riftlab.lock") or {}).get("stages") or {}).get("at") or {}).get("params") or {}
+    at_params = (RunDir(run).record("at") or {}).get("params") or {}
     at = {"method": cfg["at_method"], "attack_steps": cfg["at_attack_steps"], "attack_step": cfg["at_attack_step"],
           "epochs": cfg["at_epochs"], "device": cfg["device"], "precision": at_params.get("precision", cfg["precision"])}
     return {"name": name, "width": width, "train": train, "seed": seed, "at": at, "module": results["module"], "alpha": results["alpha"],

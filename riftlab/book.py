@@ -636,8 +636,7 @@ def study_curve(runs: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             if c["alpha"] > 0:
                 rows.append({"width": r["width"], "training images": r["train"], "seed": r["seed"],
                              "module (weights)": f"{r['module']} ({r['mrc']['least_params']})", "alpha": c["alpha"],
-                             "clean change [95% CI]": _ci({"diff": c["clean_change"], "ci_low": c["clean_change_low"], "ci_high": c["clean_change_high"]}),
-                             "robust change [95% CI]": _ci({"diff": c["robust_change"], "ci_low": c["robust_change_low"], "ci_high": c["robust_change_high"]}),
+                             "clean change [95% CI]": _ci(_curve_change(c, "clean")), "robust change [95% CI]": _ci(_curve_change(c, "robust")),
                              "chosen": "yes" if c["alpha"] == r["alpha"] else ""})
     return pd.DataFrame(rows)
 
@@ -647,7 +646,7 @@ def study_curve_sentence(run: Mapping[str, Any], threshold: float) -> str:
     alpha with the largest clean change, its robust change against the rule's allowance, and the alpha the rule took."""
     points = [c for c in run["curve"] if c["alpha"] > 0]
     best = max(points, key=lambda c: (c["clean_change"], -c["alpha"]))
-    ci = lambda c, kind: _ci({"diff": c[f"{kind}_change"], "ci_low": c[f"{kind}_change_low"], "ci_high": c[f"{kind}_change_high"]})  # noqa: E731
+    ci = lambda c, kind: _ci(_curve_change(c, kind))  # noqa: E731
     text = (f"On validation, the largest clean change is {ci(best, 'clean')} points at alpha {best['alpha']:g}, with a robust change "
             f"of {ci(best, 'robust')}")
     if best["robust_change"] < -threshold - 1e-9:
@@ -705,6 +704,11 @@ VARIANT_LABELS = {("rift", "least"): "RiFT as defined (least critical module, lr
 def _test_change(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
     """An ablation row's test change against AT for ``kind`` (clean or robust), as :func:`_ci` and :func:`_verdict` read it."""
     return {"diff": row[f"test_{kind}_change"], "ci_low": row[f"test_{kind}_ci_low"], "ci_high": row[f"test_{kind}_ci_high"]}
+
+
+def _curve_change(point: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """An interpolation-curve point's change against alpha = 0 for ``kind`` (clean or robust), as :func:`_ci` reads it."""
+    return {"diff": point[f"{kind}_change"], "ci_low": point[f"{kind}_change_low"], "ci_high": point[f"{kind}_change_high"]}
 
 
 def study_variants(study: Mapping[str, Any]) -> pd.DataFrame:
