@@ -769,7 +769,7 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
     pooled = block.get("pooled") or {}
     if pooled.get("clean") and pooled.get("robust"):
         lead += (f"; pooled over the seeds' {pooled['clean']['n']} paired test images, {_ci(pooled['clean'])} clean and "
-                 f"{_ci(pooled['robust'])} robust points (exact paired 95% intervals)")
+                 f"{_ci(pooled['robust'])} robust points (paired 95% score intervals)")
     widest = max(study["trend"], key=lambda r: (r["width"], r["train"]))
     if (widest["width"], widest["train"]) != (width, train):
         d = widest["test"]["difference"]
@@ -855,7 +855,7 @@ TABLE3_LABELS = {"most": "most critical module", "last": "last layer", "all": "a
 
 def study_confirmations(study: Mapping[str, Any]) -> pd.DataFrame | None:
     """The Table 3 variants that won on seed 0, run again unchanged on the headline's other seeds: per seed, over the seeds
-    (mean, Student-t 95% interval) and pooled over the seeds' test images (exact paired 95% interval); None when no
+    (mean, Student-t 95% interval) and pooled over the seeds' test images (paired 95% score interval); None when no
     Table 3 variant won on seed 0 (or Table 3 has not run)."""
     found = (study.get("headline") or {}).get("confirmations") or []
     if not found:
@@ -966,7 +966,7 @@ def study_tie_check(study: Mapping[str, Any], tolerance_images: int = 2) -> pd.D
 def comparison(cfg: RiftConfig, model_a: nn.Module, model_b: nn.Module, split: str, splits: DataSplits,
                device: torch.device | str) -> dict[str, Any]:
     """B against A on ``split`` as the pipeline measures it: the same images and per-image random starts (the split's
-    attack seed, :func:`evaluation`'s restarts), B - A in points with exact paired 95% intervals and the images gained
+    attack seed, :func:`evaluation`'s restarts), B - A in points with paired 95% intervals and the images gained
     and lost (:func:`riftlab.compare`). Cached under both models' weights."""
     from .engine.pipeline import compare_split
 

@@ -62,7 +62,7 @@ def interpolation_curve(
     attacked with the same per-image random starts (same ``seed``), so differences along the curve
     are differences of the weights, not attack noise. Returns a DataFrame with columns ``alpha``,
     ``clean_acc``, ``robust_acc`` (percent) and, when ``alphas`` include 0, each alpha's change
-    against alpha = 0 on the same images with its exact paired 95% interval
+    against alpha = 0 on the same images with its paired 95% interval
     (:func:`riftlab.stats.paired_difference`): ``clean_change``, ``clean_change_low``,
     ``clean_change_high``, ``robust_change``, ``robust_change_low``, ``robust_change_high`` (points),
     so the noise the selection rule works against is visible.
