@@ -20,6 +20,7 @@ shown, and the exit status is 1.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,11 @@ CHAPTER7 = {
 
 _VOLATILE_NB = ("start_time", "end_time", "duration", "exception")
 _VOLATILE_CELL = ("start_time", "end_time", "duration", "exception", "status")
+# A rich object's plain-text fallback names its memory address (a pandas Styler shows as HTML, but its text/plain is
+# "<pandas.io.formats.style.Styler at 0x7f...>"): a new address on every run.
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+>")
+# papermill inserts the parameters cell with a random id: give it a fixed one.
+_PARAMETERS_ID = "injected-parameters"
 
 
 def plan() -> list[tuple[str, Path, Path, dict, str | None]]:
@@ -69,7 +75,9 @@ def set_title(nb: nbformat.NotebookNode, title: str) -> None:
 
 
 def clean_metadata(nb: nbformat.NotebookNode) -> None:
-    """Drop run timestamps and durations (papermill's and nbclient's): they change on every run."""
+    """Drop what changes on every run although the notebook's results do not: papermill's and nbclient's timestamps
+    and durations, memory addresses in plain-text fallbacks, the random id of papermill's parameters cell. A re-run
+    with the same results leaves the file byte for byte as it was."""
     pm = nb.metadata.get("papermill", {})
     for key in _VOLATILE_NB:
         pm.pop(key, None)
@@ -77,6 +85,14 @@ def clean_metadata(nb: nbformat.NotebookNode) -> None:
         if pm.get(key) and Path(pm[key]).is_absolute() and Path(pm[key]).is_relative_to(ROOT):
             pm[key] = str(Path(pm[key]).relative_to(ROOT))
     for cell in nb.cells:
+        if "injected-parameters" in cell.metadata.get("tags", []):
+            cell["id"] = _PARAMETERS_ID
+        for output in cell.get("outputs", []):
+            plain = output.get("data", {}).get("text/plain")
+            if isinstance(plain, str):
+                output["data"]["text/plain"] = _ADDRESS.sub(">", plain)
+            elif isinstance(plain, list):
+                output["data"]["text/plain"] = [_ADDRESS.sub(">", line) for line in plain]
         cell.metadata.pop("execution", None)
         cpm = cell.metadata.get("papermill")
         if cpm is not None:

@@ -230,6 +230,30 @@ def test_runner_strips_timestamps_and_sets_titles():
     assert nb.cells[1].source == "# New\n\ntext"
 
 
+def test_a_rerun_with_the_same_results_leaves_the_notebook_byte_for_byte_unchanged(tmp_path, monkeypatch):
+    """`make book` on a fresh clone must leave `git status` clean: a papermill run of a parameterised notebook that
+    shows a pandas Styler (whose plain-text fallback names a memory address) writes the same bytes twice."""
+    pytest.importorskip("papermill")
+    template = tmp_path / "template.ipynb"
+    params = nbformat.v4.new_code_cell("n = 1")
+    params.metadata["tags"] = ["parameters"]
+    styled = nbformat.v4.new_code_cell("import pandas as pd\npd.DataFrame({'a': [n, 2]}).style.format('{:.1f}').set_uuid('t')")
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# T"), params, styled],
+                                            metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}), template)
+    monkeypatch.setattr(run_notebooks, "ROOT", tmp_path)
+    monkeypatch.setattr(run_notebooks, "NOTEBOOKS", tmp_path)
+    target = tmp_path / "copy.ipynb"
+    outputs = []
+    for _ in range(2):
+        run_notebooks.run_one("copy", template, target, {"n": 3}, "Copy", kernel="python3", timeout=120)
+        outputs.append(target.read_bytes())
+    assert outputs[0] == outputs[1]
+    nb = nbformat.read(target, as_version=4)
+    plain = "".join(nb.cells[-1].outputs[0]["data"]["text/plain"])
+    assert "Styler" in plain and "0x" not in plain
+    assert any(c.get("id") == run_notebooks._PARAMETERS_ID for c in nb.cells)
+
+
 def test_runner_reports_the_failing_notebook_and_cell(tmp_path, monkeypatch, capsys):
     pytest.importorskip("papermill")
     bad = tmp_path / "bad.ipynb"
