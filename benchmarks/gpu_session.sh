@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/gpu_session.sh study OUT   # the scale study's width-64 row, with tests/test_cuda.py beside it
 #   bash benchmarks/gpu_session.sh speed OUT   # benchmarks/gpu_check.py without its tests: riftlab vs the baseline, WRN-34-10
+#   bash benchmarks/gpu_session.sh speed2 OUT  # the CUDA-graph path: tests/test_cuda.py, then benchmarks/speed2.py (about 8 min)
 #
 # `study` runs the row in the background (its wall time is therefore not a benchmark: the CUDA tests share the GPU
 # for their first minute or two) and the tests in the foreground; the row is resumable, so a second `study` call on
@@ -13,11 +14,15 @@
 #
 # The data travels in the working tree: before the call, here,
 #   mkdir -p runs/gpu-data/fashion-mnist && cp /usr/share/datasets/fashion-mnist/*.gz runs/gpu-data/fashion-mnist/
-# and carry `runs/gpu-data` (30 MB). ROW_LIMIT / TEST_LIMIT / SPEED_BUDGET (seconds) bound each part.
+# and carry `runs/gpu-data` (30 MB). ROW_LIMIT / TEST_LIMIT / SPEED_BUDGET / SPEED2_BUDGET (seconds) bound each part.
+# `speed2` needs no data (synthetic CIFAR-shaped images) and fits one call of at most 10 minutes: the CUDA tests (at most
+# TEST_LIMIT, 150 s), then speed2.py's parts until SPEED2_BUDGET (360 s) is spent, its JSON rewritten after each part in
+# runs/speed2/ (ignored by git, so it stays on a warm machine: a second `speed2` call, with SKIP_TESTS=1, continues it)
+# and copied to OUT at the end; here it goes to benchmarks/results/. SMOKE=1 runs it all at tiny sizes on the CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: gpu_session.sh study|speed OUT}
-out=${2:?usage: gpu_session.sh study|speed OUT}
+what=${1:?usage: gpu_session.sh study|speed|speed2 OUT}
+out=${2:?usage: gpu_session.sh study|speed|speed2 OUT}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export RIFTLAB_DATA=${RIFTLAB_DATA:-$PWD/runs/gpu-data}
@@ -56,8 +61,24 @@ speed)
         --speed-args "--mrc-examples ${MRC_EXAMPLES:-5000} --skip baseline-pipeline" --wrn-args "--train ${WRN_TRAIN:-10000}"
     for f in "$out"/gpu-check-*.json; do "$PY" -c "import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({k: {m: v.get(m) for m in ('returncode', 'seconds', 'timed_out')} for k, v in r['steps'].items()}))" "$f"; done
     ;;
+speed2)
+    if [ -z "${SKIP_TESTS:-}" ]; then
+        timeout "${TEST_LIMIT:-150}" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py >"$out/cuda-tests.log" 2>&1
+        echo "cuda tests exit $? after $(( $(date +%s) - started )) s"
+        tail -n 8 "$out/cuda-tests.log"
+    fi
+    work=runs/speed2
+    mkdir -p "$work"
+    slug=$("$PY" -c "import re, torch; print(re.sub(r'[^A-Za-z0-9]+', '-', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu').strip('-').lower())")
+    # the budget inside, and a hard limit a little above it outside: the JSON keeps every finished part either way
+    timeout $(( ${SPEED2_BUDGET:-360} + 60 )) "$PY" benchmarks/speed2.py --json "$work/speed2-$slug.json" --budget "${SPEED2_BUDGET:-360}" \
+        --resume ${SMOKE:+--smoke --device cpu} >"$out/speed2.log" 2>&1
+    echo "speed2 exit $?"
+    cp "$work/speed2-$slug.json" "$out/"
+    tail -n 30 "$out/speed2.log"
+    ;;
 *)
-    echo "unknown part $what: study or speed" >&2
+    echo "unknown part $what: study, speed or speed2" >&2
     exit 2
     ;;
 esac

@@ -2,7 +2,7 @@
 
 On real Fashion-MNIST (the dataset available offline), RiFT is run as the ``riftlab`` command runs
 it, for ResNet-18s of several widths and two training-set sizes, and every AT+RiFT vs AT
-difference on the 10000 test images is reported with its exact paired 95% interval (same images,
+difference on the 10000 test images is reported with its paired 95% interval (same images,
 same per-image PGD starts; ``riftlab.evaluation.stats``). Variants are labelled: BatchNorm statistics updated
 during fine-tuning (the reference code), other fine-tuning learning rates, and the least critical
 module among the 3x3 convolutions (a departure from the paper's definition, which ranks every
@@ -13,6 +13,16 @@ standard AutoAttack on the first 1000 test images beside PGD-10.
     python benchmarks/scale_study.py run --jobs 2          # every job, two at a time, one thread each; resumable
     python benchmarks/scale_study.py status                # what is done, running, waiting
     python benchmarks/scale_study.py summarize             # results/scale_study/study.json and the book's checkpoints
+
+What RiFT's gain is made of (``--decomposition``, opt-in): at the middle configuration, for AT models of each length in
+``--at-epochs`` (default 10 and 40 epochs; a run of another length than the profile's is named ``w8-n10k-e40-s0``), the
+fine-tuning is run again as labelled `riftlab ablate` folders beside the run (:data:`DECOMPOSITION`): riftlab's default
+(frozen BatchNorm), the reference code's protocol at MRC's least critical module and at the paper's ``layer2.1.conv2``,
+and BatchNorm recalibration alone (the reference schedule, no weight trained). Every one of them also reports what the
+reference code's choice on test (best test epoch, then alpha on the test curve) would print, beside a zero-effect
+sign-flip null of that choice. ``summarize --decomposition`` adds them to study.json as ``decomposition``::
+
+    python benchmarks/scale_study.py run --decomposition --jobs 2
 
 The width-64 row (``--gpu``: the paper's ResNet-18 on all 55000 training images, PGD-10 AT) needs a GPU. It ran on one
 H200 (2026-12-04) through ``benchmarks/gpu_session.sh study OUT`` (its header says how the data travels and how the
@@ -82,6 +92,18 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 # Two ablation folders of about the same cost, so the two jobs run side by side; their rows are one table ("table3").
 TABLE3 = {"table3": "at,least,most,no-interp", "table3b": "last,all"}
 
+# --decomposition: what RiFT's gain is made of, at the middle configuration, for AT models of several lengths. Each is
+# an `riftlab ablate` folder next to the run (folder: ablate variant, extra options); every one reports, beside its
+# validation-selected result, what choosing its epoch and alpha on test would report (riftlab.evaluation.selection).
+DECOMPOSITION: dict[str, tuple[str, list[str]]] = {
+    "frozen-bn": ("least", ["--report-test-selection"]),  # riftlab's default: BatchNorm frozen, the least critical module
+    "reference": ("least", ["--protocol", "reference"]),  # the reference code's fine-tuning, at MRC's least critical module
+    "reference-paper": ("module", ["--protocol", "reference", "--module", "layer2.1.conv2"]),  # ... at the paper's module
+    "bn-only": ("least", ["--protocol", "reference", "--bn-recalibration-only"]),  # the same schedule, no weight trained
+}
+AT_EPOCHS = 10  # the study profile's adversarial training; runs of another length carry it in their name
+DECOMPOSITION_AT_EPOCHS = (10, 40)  # the AT lengths the decomposition runs at (--at-epochs)
+
 
 # --smoke: the same jobs on tiny sizes (a minute or two), to check the script itself; tests/test_scale_study.py runs it.
 SMOKE: dict[str, list[str]] = {}
@@ -94,8 +116,10 @@ _SMOKE = {
 }
 
 
-def run_name(width: int, train: int, seed: int) -> str:
-    return f"w{width}-n{train // 1000}k-s{seed}"
+def run_name(width: int, train: int, seed: int, at_epochs: int | None = None) -> str:
+    """``w8-n10k-s0``; an AT of another length than the study's (:data:`AT_EPOCHS`) is named ``w8-n10k-e40-s0``."""
+    length = "" if at_epochs is None or at_epochs == AT_EPOCHS else f"-e{at_epochs}"
+    return f"w{width}-n{train // 1000}k{length}-s{seed}"
 
 
 def config_args(width: int, train: int, seed: int) -> list[str]:
@@ -113,21 +137,47 @@ class Job:
     deps: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.args = [*self.args, *SMOKE.get(self.args[0], [])]
+        self.args = [*self.args, *_smoke_extra(self.args)]
 
 
-def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = True) -> list[Job]:
-    """The rift run of one configuration and, with ``variants``, its labelled fine-tuning variants."""
-    name = run_name(width, train, seed)
+def _smoke_extra(args: list[str]) -> list[str]:
+    """The --smoke sizes for a command, less those the command sets itself: the AT length of a longer-AT run, and the
+    alpha grid that the reference protocol fixes."""
+    extra, out = SMOKE.get(args[0], []), []
+    mine = {"--at-epochs"} & set(args) | ({"--alphas"} if "reference" in args else set())
+    for option, value in zip(extra[::2], extra[1::2]):
+        if option not in mine:
+            out += [option, value]
+    return out
+
+
+def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = True, at_epochs: int | None = None,
+             folders: dict[str, tuple[str, list[str]]] | None = None) -> list[Job]:
+    """The rift run of one configuration and, with ``variants``, its labelled fine-tuning variants (``folders``: those
+    of :data:`VARIANTS` this configuration runs, or another such table, e.g. :data:`DECOMPOSITION`)."""
+    name = run_name(width, train, seed, at_epochs)
     run = root / name
     common = config_args(width, train, seed)
-    out = [Job(name, ["rift", *common, "--out", str(run), "--resume"], run / "results.json")]
+    # an AT of another length than the study's: the rift command trains it (its lr milestones scale with the length)
+    length = ["--at-epochs", str(at_epochs)] if at_epochs is not None and at_epochs != AT_EPOCHS else []
+    out = [Job(name, ["rift", *common, *length, "--out", str(run), "--resume"], run / "results.json")]
     if variants:
-        for folder in variant_folders(width, train):
-            which, extra = VARIANTS[folder]
+        table = folders if folders is not None else {folder: VARIANTS[folder] for folder in variant_folders(width, train)}
+        for folder, (which, extra) in table.items():
             out.append(Job(f"{name}:{folder}", ["ablate", *common, *extra, "--out", str(run), "--name", folder,
                                                 "--variants", which, "--resume"], run / f"{folder}.csv", [name]))
     return out
+
+
+def decomposition_jobs(root: Path, lengths: tuple[int, ...]) -> list[Job]:
+    """The decomposition (:data:`DECOMPOSITION`) at the middle configuration, seed 0, for each AT length in ``lengths``:
+    the rift run of a length other than the study's first (the study's own run is a grid job), then its ablate folders."""
+    width, train = MIDDLE
+    jobs = []
+    for length in lengths:
+        rift, *folders = jobs_for(root, width, train, 0, at_epochs=length, folders=DECOMPOSITION)
+        jobs += ([rift] if length != AT_EPOCHS else []) + folders
+    return jobs
 
 
 def variant_folders(width: int, train: int) -> list[str]:
@@ -140,15 +190,15 @@ def configurations(big: bool, gpu: bool = False) -> list[tuple[int, int]]:
     return GRID + LARGER_DATA + (BIG if big else []) + (GPU if gpu else [])
 
 
-def phase1(root: Path, big: bool, gpu: bool = False) -> tuple[list[Job], list[Job]]:
+def phase1(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> tuple[list[Job], list[Job]]:
     """The seed-0 grid: (core, extra). Core: the grid's RiFT runs (what :func:`headline` reads), the middle
     configuration first; extra: the other data sizes' runs (and the GPU rows), then the labelled variants (after the
-    headline's seeds)."""
+    headline's seeds), then the decomposition for the AT lengths ``decomposition`` (none by default)."""
     order = sorted(GRID, key=lambda wn: wn != MIDDLE)
     rifts = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in order]
     others = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in configurations(big, gpu) if (w, n) not in GRID]
     variants = [j for w, n in configurations(big) for j in jobs_for(root, w, n, 0)[1:]]
-    return rifts, others + variants
+    return rifts, others + variants + decomposition_jobs(root, decomposition)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -281,7 +331,7 @@ def confirmations(root: Path, pick: dict[str, Any]) -> list[Job]:
 
 def _confirmation(root: Path, width: int, train: int, variant: str, seeds: list[dict[str, Any]]) -> dict[str, Any]:
     """One confirmed Table 3 variant: its test changes per seed (seed 0 from Table 3, the others from their confirmation
-    folders), the mean over seeds with a Student-t interval, and the exact paired interval over the pooled images."""
+    folders), the mean over seeds with a Student-t interval, and the paired interval over the pooled images."""
     import torch
 
     from riftlab.checkpoint import read_checkpoint
@@ -319,9 +369,11 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None, gpu: bool = False) -> int:
+def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None, gpu: bool = False,
+        decomposition: tuple[int, ...] = ()) -> int:
     """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names (their inputs must be
-    among them or already done), e.g. to continue the committed study on a machine whose runs were lost."""
+    among them or already done), e.g. to continue the committed study on a machine whose runs were lost;
+    ``decomposition``: also the decomposition's jobs for these AT lengths (:func:`decomposition_jobs`)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     ledger_path = root / "jobs.json"
@@ -331,7 +383,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
     failed: set[str] = set()
     adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
     while True:
-        core, extra = phase1(root, big, gpu)
+        core, extra = phase1(root, big, gpu, decomposition)
         # once chosen the headline stays (variants that finish later cannot move it)
         pick = (ledger.get("_headline") or headline(root, big)) if phase in ("2", "all") else None
         if pick is not None and ledger.get("_headline") != pick:
@@ -396,10 +448,10 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
         time.sleep(5)
 
 
-def _all_jobs(root: Path, big: bool, gpu: bool = False) -> list[Job]:
+def _all_jobs(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> list[Job]:
     """Every job the study can run: phase 1's and phase 2's for the middle configuration (the headline when none
     wins) or for the headline already chosen in the ledger."""
-    core, extra = phase1(root, big, gpu)
+    core, extra = phase1(root, big, gpu, decomposition)
     ledger = _read(root / "jobs.json") or {}
     pick = ledger.get("_headline") or headline(root, big) or {"width": MIDDLE[0], "train": MIDDLE[1], "setting": "rift"}
     return core + extra + phase2(root, pick)
@@ -428,9 +480,9 @@ def _alive(pid_file: Path) -> bool:
     return Path(f"/proc/{pid}/cmdline").is_file() and b"riftlab" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
-def status(root: Path, big: bool, gpu: bool = False) -> None:
+def status(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> None:
     ledger = _read(root / "jobs.json") or {}
-    core, extra = phase1(root, big, gpu)
+    core, extra = phase1(root, big, gpu, decomposition)
     jobs = list(core)
     pick = ledger.get("_headline") or headline(root, big)
     if pick is not None:
@@ -550,9 +602,13 @@ def _sessions(carried: list[dict[str, Any]], here: list[dict[str, Any]]) -> list
     return [*carried, *(s for s in here if s not in carried)]
 
 
-def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None, gpu: bool = False) -> None:
+def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None, gpu: bool = False,
+              decomposition: tuple[int, ...] = ()) -> None:
     """``out/study.json`` from the runs under ``root``; with ``carry`` (a committed study.json), runs missing from
-    ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`)."""
+    ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`); with
+    ``decomposition`` (AT lengths), the decomposition's rows (:func:`_decomposition_summary`), else the carried ones."""
+    from riftlab.evaluation.stats import CI_METHOD
+
     from riftlab.evaluation.stats import over_seeds
 
     ledger = _read(root / "jobs.json") or {}
@@ -578,9 +634,13 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
                        "summarized_at_commit": _git("rev-parse", "HEAD"), "machine": _machine(),
                        "threads_per_job": ledger.get("_threads") or before.get("provenance", {}).get("threads_per_job"),
                        "summarized": time.strftime("%Y-%m-%d %H:%M:%S"),
-                       "threshold": THRESHOLD, "interval": "exact conditional 95% (Clopper-Pearson on the discordant images, McNemar)",
+                       "threshold": THRESHOLD, "interval": CI_METHOD,
                        **({"carried": source} if carry is not None else {})},
         "trend": runs, "headline": None}
+    if decomposition:
+        summary["decomposition"] = _decomposition_summary(root, decomposition, ledger)
+    elif "decomposition" in before:
+        summary["decomposition"] = before["decomposition"]
     if pick is not None:
         width, train = pick["width"], pick["train"]
         seeds = [s for seed in (0, *HEADLINE_SEEDS)
@@ -619,6 +679,39 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "study.json", summary)
     print(f"wrote {out / 'study.json'}")
+
+
+def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per AT length (a finished run at the middle configuration): the AT model's test accuracies, RiFT as the study
+    runs it, and each :data:`DECOMPOSITION` folder's row: its validation-selected test change against AT (paired 95%
+    intervals) and, beside it, what the reference code's choice on test reports with its zero-effect null."""
+    import csv
+
+    width, train = MIDDLE
+    out = []
+    for length in lengths:
+        name = run_name(width, train, 0, length)
+        run = root / name
+        results = _read(run / "results.json")
+        if results is None:
+            continue
+        settings = []
+        for folder in DECOMPOSITION:
+            if not (run / f"{folder}.csv").is_file():
+                continue
+            with open(run / f"{folder}.csv") as fh:
+                rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+            for row in rows:
+                if row["variant"] == "at":
+                    continue
+                chosen = _read(run / folder / row["variant"] / "test_selection.json")
+                settings.append({"setting": folder, "variant": row["variant"], "modules": row["modules"], "params": row["params"],
+                                 "alpha": row["alpha"], "validation_selected": _test_change(row), "test_selected": chosen,
+                                 "command": (ledger.get(f"{name}:{folder}") or {}).get("command")})
+        out.append({"name": name, "at_epochs": results["config"]["at_epochs"], "module": results["module"], "alpha": results["alpha"],
+                    "at": {k: results["test"]["at"][f"{k}_acc"] for k in ("clean", "robust")},
+                    "rift": {k: results["test"]["difference"][k] for k in ("clean", "robust")}, "settings": settings})
+    return out
 
 
 def _headline_diffs(seeds: list[dict[str, Any]], pick: dict[str, Any]) -> list[dict[str, Any]]:
@@ -718,6 +811,7 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
 
 
 def main() -> int:
+    global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE, AT_EPOCHS, DECOMPOSITION_AT_EPOCHS  # --smoke shrinks them
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["run", "status", "summarize"])
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "scale_study", help="where the runs live (default: %(default)s)")
@@ -731,13 +825,25 @@ def main() -> int:
     parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
     parser.add_argument("--gpu", action="store_true", help=f"also the GPU row(s) {GPU} (CUDA, PGD-10 AT; not read by the headline rule)")
     parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
+    parser.add_argument("--decomposition", action="store_true",
+                        help="also what RiFT's gain is made of (DECOMPOSITION), at the middle configuration, for each --at-epochs")
+    parser.add_argument("--at-epochs", default=None, metavar="E1,E2",
+                        help=f"--decomposition: the AT lengths in epochs (default: {','.join(map(str, DECOMPOSITION_AT_EPOCHS))}); "
+                             f"a run of another length than {AT_EPOCHS} is named like w8-n10k-e40-s0")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and widths 4 and 8 on 1000 images: checks the script, not RiFT")
     args = parser.parse_args()
     if args.smoke:
-        global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE
         SMOKE.update(_SMOKE)
         GRID, LARGER_DATA, MIDDLE = [(4, 1000), (8, 1000)], [], (8, 1000)
+        AT_EPOCHS, DECOMPOSITION_AT_EPOCHS = 1, (1, 2)  # the smoke's AT is one epoch; its longer one, two
         GPU[:], GPU_DEVICE = [(16, 1000)], "cpu"  # in place: the --gpu help above already read the list
+    try:
+        lengths = tuple(int(e) for e in args.at_epochs.split(",")) if args.at_epochs else DECOMPOSITION_AT_EPOCHS
+    except ValueError:
+        raise SystemExit(f"--at-epochs: expected comma-separated epochs such as 10,40, got {args.at_epochs!r}") from None
+    if not lengths or min(lengths) < 1 or len(set(lengths)) != len(lengths):
+        raise SystemExit(f"--at-epochs: expected distinct epochs >= 1, got {args.at_epochs!r}")
+    decomposition = lengths if args.decomposition else ()
     if args.action == "run":
         ledger = _read(args.root / "jobs.json") or {}
         if ledger.get("_threads", args.threads) != args.threads:
@@ -752,14 +858,14 @@ def main() -> int:
         only = None
         if args.only is not None:
             only = {name.strip() for name in args.only.split(",") if name.strip()}
-            known = {j.name for j in _all_jobs(args.root, args.big, args.gpu)}
+            known = {j.name for j in _all_jobs(args.root, args.big, args.gpu, decomposition)}
             if unknown := sorted(only - known):
                 raise SystemExit(f"--only: no job named {', '.join(unknown)}; the study's jobs are: {', '.join(sorted(known))}")
-        return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu)
+        return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu, decomposition)
     if args.action == "status":
-        status(args.root, args.big, args.gpu)
+        status(args.root, args.big, args.gpu, decomposition)
         return 0
-    summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu)
+    summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu, decomposition)
     return 0
 
 

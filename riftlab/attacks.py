@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from .compute import autocast, input_gradients_only, loss_scale
 from .distributed import unwrap
+from .graphs import graphed_for
 
 __all__ = ["pgd", "eval_mode"]
 
@@ -45,7 +46,8 @@ def pgd(
     the weight-gradient kernels (a compiled model's weights are frozen for the attack, see
     :func:`riftlab.compute.input_gradients_only`). Forward and backward run under
     :func:`riftlab.compute.autocast` (bf16 or fp16 on CUDA by default); the step and the
-    projection are fp32.
+    projection are fp32. With CUDA graphs on (:mod:`riftlab.graphs`) the steps are one graph
+    replay per batch shape; the random start is drawn before, as without.
 
     Args:
         model: maps images in [0, 1], shaped (N, C, H, W), to logits (N, K).
@@ -67,13 +69,18 @@ def pgd(
         x_adv = random_start_point(x, eps, generator)
     else:
         x_adv = x.clone()
-    return _ascend(model, x, y, x_adv, eps, step, steps)
+    return graphed_for(model, _ascend, (eps, step, steps))(x, y, x_adv)
 
 
 def random_start_point(x: torch.Tensor, eps: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """A uniform random point of the l_inf ball of radius ``eps`` around ``x``, clipped to [0, 1]; shape of ``x``."""
-    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
-    return (x + noise).clamp_(0, 1)
+    return start_from_uniform(x, torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator), eps)
+
+
+def start_from_uniform(x: torch.Tensor, uniform: torch.Tensor, eps: float) -> torch.Tensor:
+    """The start point that ``uniform`` (draws in [0, 1), shaped like ``x``) picks in the l_inf ball of radius ``eps``
+    around ``x``, clipped to [0, 1]. Drawing the uniforms apart lets a CUDA graph take them from a buffer filled outside it."""
+    return (x + (uniform * (2 * eps) - eps)).clamp_(0, 1)
 
 
 def _ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, eps: float, step: float, steps: int) -> torch.Tensor:

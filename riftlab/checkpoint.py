@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,7 +14,7 @@ import torch.nn as nn
 
 from . import distributed
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "extract_state_dict", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint", "extract_state_dict", "checkpoint_problem", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -47,27 +48,67 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping[str, Any]) -> Path
     return path
 
 
-def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code."""
-    path = Path(path)
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """``None`` when ``path`` looks like a whole PyTorch checkpoint file, else what it is instead, in words.
+
+    Reads the file's first bytes and, for PyTorch's zip format, its table of contents (at the end of the file, so a
+    truncated copy has none): cheap, and before any data is loaded. Whether the contents load is for
+    :func:`read_checkpoint` to find out."""
+    try:
+        return _checkpoint_problem(Path(path))
+    except OSError as err:  # an ancestor that cannot be searched
+        return f"it cannot be reached: {err.strerror}"
+
+
+def _checkpoint_problem(path: Path) -> str | None:
+    if path.is_dir():
+        return "it is a directory, not a checkpoint file"
+    if not path.exists():
+        return "it does not exist"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    with open(path, "rb") as fh:
-        magic = fh.read(2)
+        return "it is not a regular file"
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(2)
+    except OSError as err:
+        return f"it cannot be read: {err.strerror or err}"
     if not magic:
-        raise CheckpointError(f"checkpoint {path} is empty")
-    if magic != b"PK" and magic[:1] != b"\x80":
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle)")
+        return "it is empty"
+    if magic == b"PK":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return "it is truncated or damaged: a zip archive, PyTorch's format, without its table of contents at the end"
+        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+            return "it is a zip archive but not a PyTorch checkpoint (no data.pkl inside)"
+        return None
+    if magic[:1] != b"\x80":
+        return "it is not a PyTorch checkpoint (neither a zip archive nor a pickle)"
+    return None
+
+
+def read_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, never code.
+
+    A missing, empty, truncated or foreign file, or a directory, is a :class:`CheckpointError` that says which."""
+    path = Path(path)
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        if "weights only" not in str(err).lower():  # a pickle cut short, not an unsafe one
+            raise CheckpointError(f"checkpoint {path} is truncated or damaged ({str(err).splitlines()[0]})") from None
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain containers, "
             f"which could run code when unpickled ({str(err).splitlines()[0]}). "
             "Re-save it as a state dict (torch.save(model.state_dict(), path)) from a trusted source."
         ) from None
     except Exception as err:
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {err}") from None
+        first = (str(err).splitlines() or [""])[0]
+        raise CheckpointError(f"checkpoint {path} is truncated or damaged: it cannot be read ({type(err).__name__}: {first})") from None
 
 
 def extract_state_dict(obj: Any) -> dict[str, torch.Tensor]:

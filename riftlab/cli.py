@@ -16,6 +16,16 @@ A stage that finished with the same settings is reused, an unfinished one contin
 ``--resume``, and one made with other settings is refused, naming the setting (``--overwrite``
 redoes it). Several GPUs: ``torchrun --nproc_per_node N -m riftlab rift ...`` (any command; see
 :mod:`riftlab.distributed`). Rank 0 prints and writes; the other ranks are silent.
+
+Every option is checked before any data is loaded, any model built or any stage started: the
+settings against their rules (:data:`riftlab.engine.config.RULES`: counts and widths >= 1, rates
+finite and > 0, a fine-tuning lr of 0 allowed as a control, pixel budgets in [0, 1]...), the
+command's own options against :data:`OPTION_RULES`, and ``--out`` for a folder that can be created
+and written. A refused value is one line naming the option, the value and what is allowed.
+
+Exit codes: 0 done; 1 a training loss or its weights became NaN or infinite (one line: stage, epoch,
+batch, what to change); 2 a bad option or a refusal of the run directory; 3 the GPU ran out of
+memory; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -24,14 +34,16 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
 from . import __version__, distributed
+from .checkpoint import checkpoint_problem
 from .engine.config import PROFILES
+from .engine.rules import Custom, Integer, Pattern, Rule, SettingError, Text
+from .engine.runner import output_dir_problem
 from .zoo import MissingDependencyError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, FileExistsError, KeyError, MissingDependencyError)
@@ -100,6 +112,8 @@ def _run_options(p: argparse.ArgumentParser, out: str = "runs/riftlab") -> None:
                    help="auto (default): bf16 autocast on GPUs with native bf16 (A100, H100), fp16 with loss scaling on older "
                         "ones (T4, V100), fp32 on the CPU; or one of fp32, bf16, fp16 everywhere")
     g.add_argument("--compile", action="store_true", default=None, help="train through torch.compile (slow first batches)")
+    g.add_argument("--cuda-graphs", action="store_true", default=None,
+                   help="on CUDA, replay each PGD-AT batch step and each evaluation attack as one CUDA graph (same steps, same starts)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
 
 
@@ -123,6 +137,8 @@ def _at_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
     g.add_argument(f"--{prefix}lr", type=float, dest="at_lr", help="learning rate (default 0.1)")
     g.add_argument(f"--{prefix}milestones", type=epochs, dest="at_milestones", metavar="E1,E2",
                    help="epochs after which the lr drops x0.1 (default: the paper's 100,105 of 110, scaled to the epochs)")
+    g.add_argument(f"--{prefix}warmup-epochs", type=int, dest="at_warmup_epochs", metavar="W",
+                   help="ramp the lr linearly over the first W epochs (default 0; the throughput profile's batch 512 uses 5)")
     g.add_argument(f"--{prefix}attack-steps", type=int, dest="at_attack_steps", metavar="N",
                    help="PGD steps of the training attack (default 10; 0: standard training; 1 with a large step is 'fast AT')")
     g.add_argument(f"--{prefix}attack-step", type=float, dest="at_attack_step", metavar="STEP",
@@ -148,15 +164,25 @@ def _ft_options(p: argparse.ArgumentParser, prefix: str = "", module: bool = Tru
     if module:
         g.add_argument("--module", dest="ft_module", help="exact module name (default: the least robust-critical one)")
     g.add_argument(f"--{prefix}epochs", type=int, dest="ft_epochs", help="epochs (default 10; the lr drops x0.1 halfway)")
-    g.add_argument(f"--{prefix}lr", type=float, dest="ft_lr", help="learning rate (default 0.001)")
+    g.add_argument(f"--{prefix}lr", type=float, dest="ft_lr", help="learning rate >= 0 (default 0.001; 0 leaves the weight as it is, a control)")
     g.add_argument("--update-bn-stats", action="store_true", default=None,
                    help="let every BatchNorm's statistics drift during fine-tuning (the reference code's behaviour)")
+    g.add_argument("--protocol", dest="ft_protocol", choices=["riftlab", "reference"],
+                   help="riftlab (default: frozen BatchNorm, zero-padded crops) or reference: fine-tune as the reference code does "
+                        "(train-mode BatchNorm, reflect-padded crops, alpha on the 0.1 grid), still choosing on validation, and "
+                        "also report what choosing on test would give")
+    g.add_argument("--bn-recalibration-only", action="store_true", default=None,
+                   help="the control: the same schedule in train mode with no weight trained, so only BatchNorm's running "
+                        "statistics move (needs --update-bn-stats or --protocol reference)")
+    g.add_argument("--report-test-selection", action="store_true", default=None,
+                   help="also report what choosing the fine-tuning epoch and alpha on test (the reference code's way) would give, "
+                        "and what that choice gives when there is no effect (about 10 more attacked passes over the test split)")
 
 
 def _interpolation_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("interpolation")
     g.add_argument("--alphas", type=alphas, help="interpolation weights, comma-separated, including 0 (default 0,0.1,...,1)")
-    g.add_argument("--threshold", type=float, help="allowed validation robust-accuracy drop in points (default 0.1)")
+    g.add_argument("--threshold", type=float, help="allowed validation robust-accuracy drop in points, >= 0 (default 0.1)")
 
 
 def _robustbench_options(p: argparse.ArgumentParser) -> None:
@@ -187,13 +213,15 @@ _NOT_CONFIG = {"command", "profile", "out", "checkpoint", "at", "ft", "split", "
 
 
 def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = None):
-    """RiftConfig from defaults < profile < checkpoint metadata < explicit command-line options."""
-    from .engine.config import RiftConfig
+    """RiftConfig from defaults < profile < checkpoint metadata < fine-tuning protocol < explicit command-line options."""
+    from .engine.config import RiftConfig, protocol_settings
 
     values: dict[str, Any] = dict(PROFILES[args.profile]) if getattr(args, "profile", None) else {}
     for key in ("dataset", "model", "width", "at_method", "at_beta", "robustbench", "threat_model", "model_dir"):
         if meta and meta.get(key) is not None:
             values[key] = meta[key]
+    if getattr(args, "ft_protocol", None):  # the protocol's settings over the profile's (an explicit option that contradicts it is refused)
+        values.update(protocol_settings(args.ft_protocol))
     fields = {f.name for f in dataclasses.fields(RiftConfig)}
     for key, value in vars(args).items():
         if key in _NOT_CONFIG or value is None:
@@ -202,6 +230,72 @@ def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = Non
             raise KeyError(f"internal: option {key} has no configuration field")
         values[key] = value
     return RiftConfig(**values).resolved()
+
+
+def _variants(text: str) -> list[str]:
+    """``--variants at,least`` -> ["at", "least"], each checked (:func:`riftlab.engine.ablation.check_variants`)."""
+    from .engine.ablation import check_variants
+
+    return check_variants([v.strip() for v in text.split(",") if v.strip()])
+
+
+def _corruptions(text: str) -> None:
+    from .evaluation.corruptions import resolve_corruptions
+
+    resolve_corruptions(text)
+
+
+def _severities(text: str) -> None:
+    from .evaluation.ood import parse_severities
+
+    parse_severities(text)
+
+
+_CHECKPOINT = Custom(test=checkpoint_problem, optional=True, words="a PyTorch checkpoint file")
+
+# The commands' own options (not RiftConfig fields, whose rules are RULES): a Rule, or a function that raises a
+# ValueError with its own one-line message. Options argparse checks itself (choices, flags) need none.
+OPTION_RULES: dict[str, Rule | Callable[[Any], Any]] = {
+    "out": Custom(test=output_dir_problem, words="a folder riftlab can create and write"),
+    "checkpoint": _CHECKPOINT,
+    "at": _CHECKPOINT,
+    "ft": _CHECKPOINT,
+    "at_checkpoint": _CHECKPOINT,
+    "model_a": _CHECKPOINT,
+    "model_b": _CHECKPOINT,
+    "autoattack": Integer(low=1, optional=True, note="images"),
+    "sanity_examples": Integer(low=1, note="images"),
+    "ood_examples": Integer(low=1, optional=True, note="images"),
+    "k": Integer(low=1, note="modules"),
+    "ablation_name": Pattern(regex=r"[A-Za-z0-9][A-Za-z0-9_.-]*", words="a plain folder name (letters, digits, '_', '.', '-')"),
+    "variants": _variants,
+    "seeds": Pattern(regex=r"\s*\d+\s*(,\s*\d+\s*)*,?\s*", words="comma-separated seeds >= 0 such as 0,1,2"),
+    "ood_dir": Text(optional=True),
+    "ood_corruptions": _corruptions,
+    "ood_severities": _severities,
+}
+# Commands without RiftConfig settings (download's positional dataset may be a -C set's name).
+_NO_SETTINGS = {"download", "list"}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Every option given to ``args.command`` against its rule, in one pass, before anything is read, loaded or
+    written: RiftConfig's settings (:data:`riftlab.engine.config.RULES`) and the command's own (:data:`OPTION_RULES`).
+    Raises :class:`~riftlab.engine.rules.SettingError` (or the check's ValueError) for the first bad value. Settings
+    that depend on each other or on a checkpoint's metadata are checked when the configuration is built, still before
+    any data."""
+    from .engine.config import RULES
+
+    if args.command in _NO_SETTINGS:
+        return
+    for dest, value in vars(args).items():
+        rule = OPTION_RULES.get(dest, RULES.get(dest))
+        if value is None or rule is None:
+            continue
+        if isinstance(rule, Rule):
+            rule.check(dest, value)
+        else:
+            rule(value)
 
 
 def _meta_of(path: str | Path) -> dict[str, Any]:
@@ -315,25 +409,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_ablate(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from .engine.ablation import VARIANTS, ablate, ablation_table, variant_modules
-    from .engine.pipeline import eval_batches, prepare, training_batches
+    from .engine.ablation import ablate, ablation_table, variant_modules
+    from .engine.pipeline import eval_batches, finetune_batches, prepare
     from .engine.runner import write_csv
 
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.ablation_name):
-        raise ValueError(f"--name must be a plain folder name (letters, digits, '_', '.', '-'), got {args.ablation_name!r}")
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown or not variants:
-        raise ValueError(f"unknown ablation variant {unknown[0] if unknown else args.variants!r}; choices: {', '.join(VARIANTS)}")
+    variants = _variants(args.variants)  # --name and --variants were checked with every other option (check_options)
     out = Path(args.out)
     path = _existing(args.checkpoint, out, "at.pt", "pass --checkpoint or run `riftlab train-at` first")
     mrc = pd.read_csv(_existing(None, out, "mrc.csv", "run `riftlab mrc` first"))
     cfg = config_from_args(args, _meta_of(path))
     splits, device = prepare(cfg)
     model = _load_model(cfg, splits, path, device)
-    for variant in variants:  # a bad --k or a foreign MRC table is the error to report, before any work
-        variant_modules(model, mrc, variant, args.k)
-    table = ablate(model, mrc, training_batches(cfg, splits, device), eval_batches(cfg, splits.val, device),
+    for variant in variants:  # a bad --k or --module, or a foreign MRC table, is the error to report, before any work
+        variant_modules(model, mrc, variant, args.k, cfg.ft_module)
+    table = ablate(model, mrc, finetune_batches(cfg, splits, device), eval_batches(cfg, splits.val, device),
                    eval_batches(cfg, splits.test, device), cfg, variants, k=args.k, out_dir=out, name=args.ablation_name,
                    resume=args.resume, overwrite=args.overwrite)
     write_csv(out / f"{args.ablation_name}.csv", table)
@@ -374,14 +463,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine.pipeline import prepare
     from .engine.runner import RunDir, Stage, write_json
 
-    for key in ("autoattack", "sanity_examples"):
-        value = getattr(args, key)
-        if value is not None and value < 1:
-            raise ValueError(f"--{key.replace('_', '-')} must be a positive number of images, got {value}")
     if not args.checkpoint and not args.robustbench:
         raise ValueError("pass --checkpoint PATH, or --robustbench NAME to evaluate a RobustBench model")
-    if args.checkpoint and not Path(args.checkpoint).is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
     cfg = config_from_args(args, _meta_of(args.checkpoint) if args.checkpoint else None)
     name, digest, load = _model_source(args, cfg)
     ood = args.ood or bool(args.ood_dir)
@@ -509,8 +592,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from .engine.runner import RunDir, Stage, file_digest
     from .evaluation.stats import format_difference, paired_difference
 
-    if args.autoattack is not None and args.autoattack < 1:
-        raise ValueError(f"--autoattack must be a positive number of images, got {args.autoattack}")
     out = Path(args.out)
     a_path = _existing(args.model_a, out, "at.pt", "pass --a PATH (the reference model)")
     b_path = _existing(args.model_b, out, "rift.pt", "pass --b PATH (the model compared with it)")
@@ -574,10 +655,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from .engine.reproduce import format_table1, reproduce_table1
 
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]  # their form was checked with every other option
     overrides = {k: v for k, v in (("width", args.width), ("at_epochs", args.at_epochs), ("val_size", args.val_size),
                                    ("data_root", args.data_root), ("download", args.download), ("device", args.device),
                                    ("progress", args.progress), ("eval_batch_size", args.eval_batch_size)) if v is not None}
@@ -648,6 +726,8 @@ def _ablate_parser(p):
     g.add_argument("--k", type=int, default=3, help="how many least critical modules the topk variant fine-tunes (default 3)")
     g.add_argument("--name", dest="ablation_name", default="ablation", metavar="NAME",
                    help="work folder OUT/NAME and table OUT/NAME.csv (default: %(default)s), so ablations with other settings sit side by side")
+    g.add_argument("--module", dest="ft_module", metavar="NAME",
+                   help="the exact module the 'module' variant fine-tunes (e.g. the paper's ResNet-18 choice layer2.1.conv2)")
     _ft_options(p, module=False)
     _interpolation_options(p)
 
@@ -757,8 +837,25 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="riftlab", description="Robust Critical Fine-Tuning (RiFT), step by step.")
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with a one-line error (``riftlab train-at: error: ...``, exit 2) in place of the usage block,
+    and the option that sets each setting (to name it in errors)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def option_names(self, command: str) -> dict[str, str]:
+        """``command``'s options by destination: ``{"at_lr": "--lr", ...}`` (the first spelling of each)."""
+        commands = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
+        return {a.dest: a.option_strings[0] for a in commands[command]._actions if a.option_strings}
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="riftlab", description="Robust Critical Fine-Tuning (RiFT), step by step.",
+                    epilog="Every option is checked before any data is loaded or anything is written: a bad value stops the "
+                           "command with one line naming the option, the value and what is allowed (exit 2). Exit 1: a "
+                           "training loss became NaN or infinite (nothing non-finite is saved); 3: out of GPU memory; "
+                           "130: interrupted.")
     parser.add_argument("--version", action="version", version=f"riftlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
@@ -778,6 +875,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
         sys.stdout = open(os.devnull, "w")  # under torchrun rank 0 speaks for all; errors still reach stderr
     try:
+        check_options(args)  # every option, before anything is read, loaded or written
         if distributed.launched():  # join the process group first: the run directory's checks wait for every rank
             distributed.setup(getattr(args, "device", None) or "auto")
         code = COMMANDS[args.command].run(args)
@@ -795,7 +893,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"riftlab {args.command}: error: the GPU ran out of memory ({str(err).splitlines()[0]}); {hint}. "
               "Finished epochs are saved: rerun with --resume.", file=sys.stderr)
         return 3
+    except FloatingPointError as err:  # training diverged (riftlab.steps._loop.check_finite): nothing non-finite was saved
+        print(f"riftlab {args.command}: error: {err}", file=sys.stderr)
+        return 1
     except USER_ERRORS as err:
+        if isinstance(err, SettingError):  # name the option the user typed (--lr), not the field (at_lr)
+            err = err.renamed(parser.option_names(args.command).get(err.name, err.name))
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"riftlab {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -177,21 +177,26 @@ class Batches:
     """Iterate over an :class:`ImageSet` in float batches in [0, 1], on ``device``.
 
     The uint8 data is copied to the device once; shuffling and augmentation (random crop with
-    zero padding, horizontal flip) run there, driven by a generator seeded from ``seed`` and the
+    ``crop_mode`` padding, horizontal flip) run there, driven by a generator seeded from ``seed`` and the
     epoch number, so epoch ``e`` gives the same batches whether or not a run was resumed.
+    ``crop_mode`` is ``"zeros"`` (riftlab's adversarial training and fine-tuning) or ``"reflect"`` (the
+    reference code's fine-tuning); both draw the same crops and flips from the same generator.
     """
 
     def __init__(self, data: ImageSet, batch_size: int, shuffle: bool = False, augment: bool = False,
-                 crop_padding: int = 4, device: str | torch.device = "cpu", seed: int = 0, drop_last: bool = False):
+                 crop_padding: int = 4, device: str | torch.device = "cpu", seed: int = 0, drop_last: bool = False,
+                 crop_mode: str = "zeros"):
         if len(data) == 0:
             raise ValueError("cannot iterate over an empty dataset; check the subset sizes")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {crop_mode!r}")
         self.device = torch.device(device)
         self.images = data.images.to(self.device, non_blocking=True)
         self.labels = data.labels.to(self.device, non_blocking=True)
         self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
-        self.crop_padding, self.seed, self.drop_last = crop_padding, seed, drop_last
+        self.crop_padding, self.seed, self.drop_last, self.crop_mode = crop_padding, seed, drop_last, crop_mode
         self.epoch = 0
         self.part: tuple[int, int] | None = None  # (rank, world size) of a sharded view
         self.shard_weight: float | None = None  # set per batch by a sharded view (see __iter__)
@@ -227,7 +232,7 @@ class Batches:
             x = self.images[idx].float().div_(255)
             y = self.labels[idx]
             if self.augment:
-                x = augment_batch(x, self.crop_padding, gen)
+                x = augment_batch(x, self.crop_padding, gen, self.crop_mode)
             if self.part is not None:
                 if self.shuffle and len(y) < self.part[1]:
                     continue  # a training batch too small to give every rank an example (DDP needs all ranks)
@@ -239,15 +244,22 @@ class Batches:
             yield batch_layout(x), y
 
 
-def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding ``padding`` pixels) and horizontal flip, per image, on x's device.
+CROP_MODES = ("zeros", "reflect")
+
+
+def augment_batch(x: torch.Tensor, padding: int, generator: torch.Generator | None = None, mode: str = "zeros") -> torch.Tensor:
+    """Random crop (``padding`` pixels of padding on each side) and horizontal flip, per image, on x's device.
 
     Args:
         x: float images (N, C, H, W).
+        mode: ``"zeros"`` pads with black pixels; ``"reflect"`` mirrors the border (torchvision's
+            ``padding_mode="reflect"``, the reference code's fine-tuning crops). Needs ``padding`` < H, W.
     """
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop mode must be one of {', '.join(CROP_MODES)}, got {mode!r}")
     n, c, h, w = x.shape
     if padding > 0:
-        padded = F.pad(x, (padding,) * 4)
+        padded = F.pad(x, (padding,) * 4, mode="constant" if mode == "zeros" else "reflect")
         dy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
         rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None].expand(n, c, h, w + 2 * padding)

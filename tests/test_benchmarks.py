@@ -54,3 +54,30 @@ def test_speed_killed_midway_keeps_the_parts_it_measured(tmp_path):
     kept = json.loads(out.read_text())  # what the killed run left
     assert not kept["finished"] and kept["parts_done"][:len(partial["parts_done"])] == partial["parts_done"]
     assert kept["metrics"]["at_epoch_s"]["riftlab"] > 0 and kept["metrics"]["at_epoch_s"]["baseline"] > 0
+
+
+@pytest.mark.slow
+def test_speed2_smoke_on_the_cpu_runs_every_part_and_resumes(tmp_path):
+    """benchmarks/speed2.py (the CUDA-graph path against eager and the baseline) at tiny sizes on the CPU, where the
+    graph path runs its step eagerly: every part finishes and lands in the JSON; at128's eager and graph epochs start
+    from the same weights, data and random starts, so on the CPU they end with the same loss; a second run with
+    --resume keeps the finished parts and runs only what --skip left out before."""
+    out = tmp_path / "speed2.json"
+    cmd = [sys.executable, "benchmarks/speed2.py", "--device", "cpu", "--smoke", "--json", str(out)]
+    first = subprocess.run(cmd + ["--skip", "recipe"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = json.loads(out.read_text())
+    parts = report["parts"]
+    assert set(parts) == {"at128", "at512", "eval", "mrc", "rift", "profile"} and all(p["finished"] for p in parts.values())
+    at = parts["at128"]
+    assert at["baseline_epoch_s"] > 0 and at["eager_epoch_s"] > 0 and at["graph_epoch_s"] > 0 and at["replays"] == 0  # no CUDA: eager
+    assert at["graph_train_loss"] == at["eager_train_loss"] and at["graph_minus_eager"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    assert parts["eval"]["graph_minus_eager"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    assert parts["mrc"]["max_abs_mrc_difference"] == 0.0 and parts["mrc"]["modules"] == 21
+    assert parts["rift"]["graph_choice"] == parts["rift"]["eager_choice"]
+    assert parts["profile"]["table"] and all(t["met"] is None for t in report["targets"])  # targets: full size on an H100/H200 only
+    second = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout + second.stderr
+    resumed = json.loads(out.read_text())
+    assert resumed["finished"] and resumed["parts"]["at128"] == at and resumed["parts"]["recipe"]["finished"]
+    assert "at128:" not in second.stdout and "recipe:" in second.stdout

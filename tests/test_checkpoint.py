@@ -290,8 +290,8 @@ def test_sub_block1_is_only_dropped_for_the_wrn_prefix(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint(_model(), tmp_path / "nope.pt")
-    with pytest.raises(CheckpointError, match="does not exist"):
-        read_checkpoint(tmp_path)  # a directory is not a checkpoint file
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        read_checkpoint(tmp_path)  # a directory is not a checkpoint file, and the error says so
 
 
 GARBAGE = {
@@ -326,9 +326,10 @@ def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
     good = save_checkpoint(tmp_path / "good.pt", {"model_state": _model().state_dict()})
     data = good.read_bytes()
     bad = tmp_path / "bad.pt"
-    bad.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="cannot read"):
-        load_checkpoint(_model(), bad)
+    for fraction in (0.1, 0.5, 0.99):  # torch's own errors differ with the cut (OSError EINVAL at 10%): the message does not
+        bad.write_bytes(data[: int(len(data) * fraction)])
+        with pytest.raises(CheckpointError, match="truncated or damaged"):
+            load_checkpoint(_model(), bad)
 
 
 def test_garbage_file_is_not_called_unsafe(tmp_path):

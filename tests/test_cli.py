@@ -108,17 +108,17 @@ def test_finetune_resumed_with_another_module_is_refused_by_name(tmp_path, capsy
 
 def test_user_errors_exit_2_without_traceback(tmp_path):
     cases = [
-        (["train-at", "--dataset", "imagenet-x", "--out", str(tmp_path)], "unknown dataset 'imagenet-x'; valid datasets:"),
-        (["train-at", "--dataset", "synthetic-cifar10", "--model", "vgg", "--out", str(tmp_path)], "unknown model 'vgg'; valid models:"),
+        (["train-at", "--dataset", "imagenet-x", "--out", str(tmp_path)], "--dataset must be one of cifar10, cifar100, fashion-mnist"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--model", "vgg", "--out", str(tmp_path)], "--model must be one of preact_resnet18, resnet18"),
         (["mrc", "--out", str(tmp_path / "empty")], "at.pt not found; pass --checkpoint or run `riftlab train-at` first"),
         (["train-at", "--dataset", "cifar10", "--data-root", str(tmp_path / "nothing"), "--out", str(tmp_path)],
          "riftlab download cifar10"),
-        (["train-at", "--dataset", "synthetic-cifar10", "--eps", "3", "--out", str(tmp_path)], "eps must be in [0, 1]"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--eps", "3", "--out", str(tmp_path)], "--eps must be a number in [0, 1]"),
         (["train-at", "--dataset", "synthetic-cifar10", "--device", "cuda:7", "--out", str(tmp_path)], "cuda"),
         (["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "2000", "--out", str(tmp_path)],
          "expected TRAIN,TEST image counts such as 2000,500"),
         (["train-at", "--dataset", "synthetic-cifar10", "--synthetic-sizes", "2000,500", "--out", str(tmp_path)],
-         "val_size must be in [0, 2000)"),
+         "--val-size must be in [1, 2000)"),
     ]
     for (args, message), proc in zip(cases, riftlab_commands(*(args for args, _ in cases))):
         assert proc.returncode == 2, (args, proc.stderr)

@@ -100,3 +100,100 @@ def test_sync_batchnorm_round_trip_keeps_the_weights(cuda_setup):
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in copy_.modules())
     a, b = model.state_dict(), copy_.state_dict()
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _runner_epochs(splits, graphs: bool, lrs=(0.05, 0.01, 0.002)):
+    """Three epochs of GraphedPGDTraining (graphs on or off) from one start, on 5 full batches and a short one, fp32."""
+    from riftlab.steps._graph import GraphedPGDTraining
+
+    torch.manual_seed(3)
+    model = to_device(build_model("resnet18", 10, 3, 32, 8, splits.info.mean, splits.info.std), "cuda").train()
+    opt = torch.optim.SGD(model.parameters(), lr=lrs[0], momentum=0.9, weight_decay=5e-4)
+    runner = GraphedPGDTraining(model, opt, 8 / 255, 2 / 255, 3)
+    runner.graphs.enabled = graphs
+    train = Batches(splits.train.subset(5 * 128 + 40, seed=1), 128, shuffle=True, augment=True, device="cuda", seed=0)
+    stats = []
+    for epoch, lr in enumerate(lrs):
+        opt.param_groups[0]["lr"] = lr  # a new learning rate between epochs: the graph reads it from its tensor
+        train.set_epoch(epoch)
+        stats.append(runner.epoch(train, torch.Generator("cuda").manual_seed(epoch)))
+    return model, stats, runner.graphs
+
+
+def test_graph_replays_take_the_eager_step(cuda_setup):
+    """One CUDA graph per batch shape (two eager warm-up calls of a shape, then capture): the full batches from the
+    third, the short last batch from the third epoch; a learning rate changed between epochs: the same weights and
+    losses as the same step run eagerly, to fp32 rounding."""
+    splits, _ = cuda_setup
+    # deterministic convolutions: a graph replays the kernels it recorded, and PGD's signs would amplify the run-to-run
+    # noise of nondeterministic ones into differences that are not the graph's
+    with use_precision("fp32"), torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+        eager, eager_stats, eager_graphs = _runner_epochs(splits, graphs=False)
+        graphed, graphed_stats, graphs = _runner_epochs(splits, graphs=True)
+    assert eager_graphs.replays == 0 and graphs.replays == 3 + 5 + 6 and len(graphs.graphs) == 2
+    for e, g in zip(eager_stats, graphed_stats):
+        assert g["loss"] == pytest.approx(e["loss"], rel=1e-3) and abs(g["acc"] - e["acc"]) <= 1.0 and g["first_bad_step"] == -1
+    a, b = eager.state_dict(), graphed.state_dict()
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-4), k
+
+
+def test_graphed_adversarial_training_matches_eager_in_bf16(cuda_setup):
+    """adversarial_train with CUDA graphs on against eager, bf16 autocast, three epochs with an lr drop and a short last
+    batch (captured in the third epoch): the losses and what the two models learn agree."""
+    from riftlab.graphs import use_cuda_graphs
+
+    splits, _ = cuda_setup
+    results = {}
+    for graphs in (False, True):
+        torch.manual_seed(2)
+        model = to_device(build_model("resnet18", 10, 3, 32, 16, splits.info.mean, splits.info.std), "cuda")
+        train = Batches(splits.train, 256, shuffle=True, augment=True, device="cuda")  # 5000 images: a short last batch of 136
+        with use_cuda_graphs(graphs):
+            history = adversarial_train(model, train, None, epochs=3, lr=0.1, attack_steps=2, step=4 / 255, milestones=[2]).history
+            results[graphs] = (history, evaluate(model.eval(), Batches(splits.test, 500, device="cuda"), 8 / 255, 2 / 255, steps=5, seed=0))
+    (h_eager, eager), (h_graph, graphed) = results[False], results[True]
+    assert all(abs(e["train_loss"] - g["train_loss"]) < 0.05 for e, g in zip(h_eager, h_graph))
+    # Rounding differences grow over three epochs as between two seeds' runs: what the models learn is compared (as
+    # test_compute's compiled-against-eager training); the step itself is compared exactly above.
+    assert abs(eager["clean_acc"] - graphed["clean_acc"]) <= 5.0 and abs(eager["robust_acc"] - graphed["robust_acc"]) <= 5.0
+
+
+def test_graphed_evaluation_matches_eager(cuda_setup):
+    """evaluate with CUDA graphs on: each bucket shape of the attacked batches captured at its second call, later calls
+    replay; the accuracies are eager's within bf16's tolerance (the same kernels, the same starts)."""
+    from riftlab.evaluation.robust import survives_attack
+    from riftlab.graphs import graphed_for, use_cuda_graphs
+
+    splits, model = cuda_setup
+    test = Batches(splits.test, 500, device="cuda")
+    eager = evaluate(model, test, 8 / 255, 2 / 255, steps=5, restarts=2, seed=0)
+    with use_cuda_graphs():
+        first = evaluate(model, test, 8 / 255, 2 / 255, steps=5, restarts=2, seed=0)
+        second = evaluate(model, test, 8 / 255, 2 / 255, steps=5, restarts=2, seed=0)
+        graphs = graphed_for(model, survives_attack, (8 / 255, 2 / 255, 5))
+    assert graphs.replays > 0 and len(graphs.graphs) >= 1
+    for result in (first, second):
+        assert result["clean_acc"] == eager["clean_acc"]
+        assert abs(result["robust_acc"] - eager["robust_acc"]) <= 0.5  # 2000 images: at most 10 flip
+
+
+def test_graphed_mrc_ranks_like_eager(cuda_setup):
+    """MRC with CUDA graphs on: the adversarial set's attacks as replays give the eager set's predictions, and each
+    module's passes as replays (on the same set) give the eager table within bf16's tolerance, the same ranking."""
+    from riftlab.graphs import use_cuda_graphs
+
+    splits, model = cuda_setup
+    source = Batches(splits.train.subset(1024, seed=0), 256, device="cuda")
+    adv = adversarial_set(model, source, 8 / 255, 2 / 255, 5)
+    eager = module_robust_criticality(model, adv, passes=3)
+    with use_cuda_graphs():
+        graphed_adv = adversarial_set(model, source, 8 / 255, 2 / 255, 5)
+        graphed = module_robust_criticality(model, adv, passes=3)
+    with torch.no_grad():
+        agree = torch.cat([(model(a).argmax(1) == model(g).argmax(1)) for (a, _), (g, _) in zip(adv, graphed_adv)]).float().mean()
+    assert agree > 0.95 and all((g - x).abs().max() <= 8 / 255 + 1e-6 for (g, _), (x, _) in zip(graphed_adv, source))
+    merged = eager.merge(graphed, on="module", suffixes=("_eager", "_graph"))
+    assert merged["mrc_eager"].rank().corr(merged["mrc_graph"].rank()) > 0.95
+    assert (merged["mrc_eager"] - merged["mrc_graph"]).abs().max() <= 0.05 * merged["mrc_eager"].abs().max() + 1e-3

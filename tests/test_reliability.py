@@ -148,10 +148,11 @@ def test_checkpoint_metadata_mismatch_is_refused(tmp_path):
 
 
 def test_config_rejects_wrong_types_and_ranges():
-    cases = [(dict(width="8"), "width must be int or None, got '8'"), (dict(eps=2.0), "eps must be in [0, 1]"),
-             (dict(train_subset=0), "train_subset must be >= 1"), (dict(alphas=(0.5, 1.0)), "include 0"),
-             (dict(alphas=(0.0, 1.5)), "alphas must lie in [0, 1]"), (dict(at_epochs=2.5), "at_epochs must be int"),
-             (dict(synthetic_sizes=(0, 10)), "synthetic_sizes must be two image counts >= 1"), (dict(model="vgg"), "unknown model 'vgg'")]
+    cases = [(dict(width="8"), "width must be an integer >= 1 (first-stage channels or widen factor), got '8'"),
+             (dict(eps=2.0), "eps must be a number in [0, 1]"),
+             (dict(train_subset=0), "train_subset must be an integer >= 1"), (dict(alphas=(0.5, 1.0)), "include 0"),
+             (dict(alphas=(0.0, 1.5)), "alphas must be numbers that lie in [0, 1]"), (dict(at_epochs=2.5), "at_epochs must be an integer"),
+             (dict(synthetic_sizes=(0, 10)), "synthetic_sizes must be two image counts >= 1"), (dict(model="vgg"), "model must be one of")]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as info:
             RiftConfig(dataset="synthetic-cifar10", **kwargs).resolved()
@@ -191,12 +192,12 @@ def test_empty_subset_and_bad_inputs_exit_cleanly(tmp_path):
     (tiny / "tiny-imagenet-200").mkdir(parents=True)
     (tiny / "tiny-imagenet-200" / "wnids.txt").write_text("n01443537\n")
     cases = [
-        (["train-at", "--dataset", "synthetic-cifar10", "--train-subset", "0"], "train_subset must be >= 1"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--train-subset", "0"], "--train-subset must be an integer >= 1, got 0"),
         (["train-at", "--dataset", "tinyimagenet", "--data-root", str(tiny)], "val_annotations.txt"),
         (["train-at", "--dataset", "fashion-mnist", "--data-root", str(tmp_path / "empty")], "train-images-idx3-ubyte.gz"),
         (["evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--dataset", "synthetic-cifar10"], "does not exist"),
-        (["train-at", "--dataset", "synthetic-cifar10", "--step", "0"], "step must be in (0, 1]"),
-        (["interpolate", "--out", str(tmp_path / "x"), "--threshold", "-1"], "not found"),
+        (["train-at", "--dataset", "synthetic-cifar10", "--step", "0"], "--step must be a number in (0, 1] (pixel units), got 0.0"),
+        (["interpolate", "--out", str(tmp_path / "x"), "--threshold", "-1"], "--threshold must be a finite number >= 0"),
     ]
     for (args, message), proc in zip(cases, riftlab_commands(*([*args, "--out", str(tmp_path / "out")] for args, _ in cases))):
         assert proc.returncode == 2, (args, proc.stderr)

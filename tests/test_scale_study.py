@@ -99,12 +99,7 @@ def test_a_table3_win_on_seed_0_is_confirmed_on_the_other_seeds_as_reported(stud
 
 def test_the_confirmation_jobs_follow_seed_0s_table3(tmp_path):
     """The planner repeats exactly the Table 3 variants that win on seed 0 (not RiFT's own rows, not a loser)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("scale_study", REPO / "benchmarks" / "scale_study.py")
-    script = importlib.util.module_from_spec(spec)
-    sys.modules["scale_study"] = script  # its dataclasses look their module up there
-    spec.loader.exec_module(script)
+    script = _script_module()
     run0 = tmp_path / script.run_name(8, 10000, 0)
     run0.mkdir()
     header = "variant,params,test_clean_change,test_clean_ci_low,test_clean_ci_high,test_robust_change,test_robust_ci_low,test_robust_ci_high\n"
@@ -272,3 +267,67 @@ def test_the_gpu_rows_committed_run_files_give_its_reported_numbers(study):
         with open(run / "interpolation.csv") as fh:
             assert [float(r["alpha"]) for r in csv.DictReader(fh)] == [p["alpha"] for p in row["curve"]]
         assert results["config"]["device"] == "cuda" and results["config"]["at_attack_steps"] == row["at"]["attack_steps"] == 10
+
+
+def _script_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("scale_study", REPO / "benchmarks" / "scale_study.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["scale_study"] = script  # its dataclasses look their module up there
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_the_decomposition_plans_one_labelled_job_per_setting_and_names_a_longer_at(tmp_path):
+    script = _script_module()
+    assert script.run_name(8, 10000, 0, 40) == "w8-n10k-e40-s0" and script.run_name(8, 10000, 0, 10) == "w8-n10k-s0"
+    jobs = {j.name: j for j in script.decomposition_jobs(tmp_path, (10, 40))}
+    settings = ["frozen-bn", "reference", "reference-paper", "bn-only"]
+    assert list(jobs) == [f"w8-n10k-s0:{s}" for s in settings] + ["w8-n10k-e40-s0"] + [f"w8-n10k-e40-s0:{s}" for s in settings]
+    longer = jobs["w8-n10k-e40-s0"].args
+    assert longer[:2] == ["rift", "--profile"] and longer[longer.index("--at-epochs") + 1] == "40"  # the study's run is a grid job
+    assert jobs["w8-n10k-e40-s0:reference"].deps == ["w8-n10k-e40-s0"] and "--at-epochs" not in jobs["w8-n10k-e40-s0:reference"].args
+    paper = jobs["w8-n10k-s0:reference-paper"].args
+    assert paper[paper.index("--module") + 1] == "layer2.1.conv2" and paper[paper.index("--variants") + 1] == "module"
+    assert {"--protocol", "--bn-recalibration-only"} <= set(jobs["w8-n10k-s0:bn-only"].args)
+    assert "--report-test-selection" in jobs["w8-n10k-s0:frozen-bn"].args and "--protocol" not in jobs["w8-n10k-s0:frozen-bn"].args
+    core, extra = script.phase1(tmp_path, big=False)
+    assert not any(":" in j.name and j.name.split(":")[1] in settings for j in core + extra)  # opt-in: the study is unchanged
+
+
+@pytest.mark.slow
+def test_the_decomposition_runs_at_tiny_sizes(tmp_path):
+    """`run --decomposition` at the smoke sizes (AT of 1 and 2 epochs), then `summarize --decomposition`: every setting's
+    row, beside what choosing on test reports; BatchNorm recalibration alone leaves every weight as AT left it."""
+    from riftlab.checkpoint import read_checkpoint
+
+    root, out = tmp_path / "runs", tmp_path / "results"
+    settings = ["frozen-bn", "reference", "reference-paper", "bn-only"]
+    names = ["w8-n1k-s0", "w8-n1k-e2-s0"]
+    only = ",".join([*names, *(f"{n}:{s}" for n in names for s in settings)])
+    for args in (["run", "--decomposition", "--jobs", "2", "--only", only], ["summarize", "--decomposition", "--out", str(out)]):
+        proc = subprocess.run([sys.executable, "benchmarks/scale_study.py", *args, "--smoke", "--root", str(root)], cwd=REPO,
+                              capture_output=True, text=True, timeout=1500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    blocks = json.loads((out / "study.json").read_text())["decomposition"]
+    assert [(b["name"], b["at_epochs"]) for b in blocks] == [("w8-n1k-s0", 1), ("w8-n1k-e2-s0", 2)]  # two AT lengths
+    for block in blocks:
+        rows = {r["setting"]: r for r in block["settings"]}
+        assert list(rows) == settings and rows["reference-paper"]["modules"] == "layer2.1.conv2" and rows["bn-only"]["params"] == 0
+        assert rows["reference"]["modules"] == rows["frozen-bn"]["modules"] == block["module"]  # MRC's least critical module
+        frozen = rows["frozen-bn"]  # riftlab's default again, as an ablation: the run's own fine-tuning and choice
+        assert frozen["alpha"] == block["alpha"] and frozen["validation_selected"]["clean"]["diff"] == block["rift"]["clean"]["diff"]
+        for row in rows.values():
+            chosen = row["test_selected"]
+            assert chosen["alpha"] in chosen["alphas"] and chosen["clean_gain"] >= 0 and chosen["null"]["permutations"] == 200
+            assert chosen["alphas"] == [round(0.1 * i, 1) for i in range(11)]  # the reference code's test curve
+        run = root / block["name"]
+        assert len(json.loads((run / "results.json").read_text())["config"]["alphas"]) == 3  # the smoke's own grid ...
+        with open(run / "reference" / "least" / "interpolation.csv") as fh:
+            assert len(fh.read().splitlines()) == 1 + 11  # ... but the reference protocol's validation curve is on the 0.1 grid
+        at = read_checkpoint(run / "at.pt")["model_state"]
+        alone = read_checkpoint(run / "bn-only" / "finetune" / "least" / "ft.pt")["model_state"]
+        statistics = [k for k in at if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+        assert all(torch.equal(alone[k], at[k]) for k in at if k not in statistics)  # every weight bit-identical to AT's
+        assert any(not torch.equal(alone[k], at[k]) for k in statistics)  # and the statistics moved

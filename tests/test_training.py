@@ -93,3 +93,27 @@ def test_nan_loss_stops_with_a_clear_message(tiny_splits, tmp_path):
     train = Batches(tiny_splits.train.subset(128), 64, shuffle=True, seed=0)
     with pytest.raises(FloatingPointError, match="epoch 1.*Lower the learning rate"):
         adversarial_train(model, train, None, epochs=2, lr=1e30, attack_steps=0, state=FileState(tmp_path / "at.pt"))
+
+
+def test_learning_rate_warm_up_ramps_then_follows_the_milestones(tiny_splits):
+    """warmup_epochs (the throughput profile's large batch): lr * (e + 1) / w in the first w epochs, then the milestones'
+    drops; the schedule's state survives a resume, and the setting is checked like the others."""
+    from riftlab import PROFILES, RiftConfig
+    from riftlab.engine.rules import SettingError
+
+    def run(epochs, state=None):
+        model = make_model(tiny_splits, width=4)
+        train = Batches(tiny_splits.train.subset(64), 64, shuffle=True, seed=0)
+        return adversarial_train(model, train, None, epochs=epochs, lr=0.4, milestones=[3], attack_steps=0, warmup_epochs=2, state=state)
+
+    full = run(4)
+    assert [h["lr"] for h in full.history] == pytest.approx([0.2, 0.4, 0.4, 0.04])
+    state = MemoryState()
+    run(3, state)  # stops after epoch 3; the resumed run takes over its schedule
+    assert [h["lr"] for h in run(4, state).history] == pytest.approx([0.2, 0.4, 0.4, 0.04])
+    with pytest.raises(ValueError, match=r"warmup_epochs must be in \[0, epochs\) = \[0, 4\), got 4"):
+        adversarial_train(make_model(tiny_splits), Batches(tiny_splits.train.subset(64), 64), None, epochs=4, warmup_epochs=4)
+    with pytest.raises(SettingError, match="at_warmup_epochs"):
+        RiftConfig(at_epochs=5, at_warmup_epochs=5).resolved()
+    throughput = RiftConfig(**PROFILES["throughput"]).resolved()
+    assert (throughput.batch_size, throughput.at_lr, throughput.at_warmup_epochs, throughput.cuda_graphs) == (512, 0.4, 5, True)

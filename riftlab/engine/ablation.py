@@ -14,12 +14,17 @@ accuracy. The variants:
                 which ranks every module: the paper's chosen modules all happen to be 3x3 convolutions,
                 while on small networks the least critical module is often a 1x1 shortcut)
     no-interp   RiFT without interpolation: the fine-tuned model itself (alpha 1)
+    module      the module ``cfg.ft_module`` names (``--module``), e.g. the paper's ResNet-18 choice ``layer2.1.conv2``
 
 Every row reports its validation and test changes against the AT model on the same images and
-random starts, with exact paired 95% intervals (:func:`riftlab.stats.paired_difference`).
+random starts, with paired 95% intervals (:func:`riftlab.stats.paired_difference`).
 
 As in RiFT, only Conv2d / Linear weights train: biases, BatchNorm affine parameters and BatchNorm
-statistics stay those of the AT model (unless ``cfg.update_bn_stats``).
+statistics stay those of the AT model (unless ``cfg.update_bn_stats``). The fine-tuning protocol is
+``cfg``'s (:data:`riftlab.engine.config.FT_PROTOCOLS`): with ``cfg.bn_recalibration_only`` a variant's
+schedule moves BatchNorm's statistics alone (its ``params`` column is then 0), and with
+``cfg.report_test_selection`` every fine-tuned variant's row also holds what choosing its epoch and
+alpha on test would report (``test_selected_*`` columns; :func:`riftlab.engine.pipeline.reference_test_selection`).
 """
 
 from __future__ import annotations
@@ -39,16 +44,20 @@ from ..evaluation.stats import paired_difference
 from ..models import weight_modules
 from ..steps.interpolation import interpolate
 from .config import RiftConfig, attack_seed, precision_params
-from .pipeline import choose_alpha, evaluate_split, finetune, ft_milestones, without_masks
+from .pipeline import choose_alpha, evaluate_split, finetune, ft_milestones, ft_params, reference_test_selection, without_masks
 from .runner import RunDir, Stage, StageContext, fingerprint, state_digest
 
-__all__ = ["VARIANTS", "ablate", "ablation_table", "variant_modules"]
+__all__ = ["VARIANTS", "PAPER_VARIANTS", "ablate", "ablation_table", "check_variants", "variant_modules"]
 
-VARIANTS = ("at", "all", "last", "most", "topk", "least", "least3x3", "no-interp")
+PAPER_VARIANTS = ("at", "all", "last", "most", "topk", "least", "least3x3", "no-interp")  # what ablate runs by default
+VARIANTS = (*PAPER_VARIANTS, "module")  # every choice: "module" needs cfg.ft_module
 
 COLUMNS = ["variant", "modules", "n_modules", "params", "alpha", "val_clean_acc", "val_robust_acc", "test_clean_acc", "test_robust_acc",
            *[f"{split}_{kind}_{what}" for split in ("val", "test") for kind in ("clean", "robust")
-             for what in ("change", "ci_low", "ci_high", "gained", "lost")]]
+             for what in ("change", "ci_low", "ci_high", "gained", "lost")],
+           # with cfg.report_test_selection: the reference code's choice of epoch and alpha on test, and its zero-effect null
+           "test_selected_epoch", "test_selected_alpha", "test_selected_clean_change", "test_selected_robust_change",
+           "test_selected_null_mean", "test_selected_null_p95", "test_selected_p_value"]
 
 
 def _by_criticality(mrc_table: pd.DataFrame) -> list[str]:
@@ -59,7 +68,7 @@ def _by_criticality(mrc_table: pd.DataFrame) -> list[str]:
     return [str(m) for m in mrc_table.sort_values("mrc", kind="mergesort")["module"]]
 
 
-def variant_modules(model: nn.Module, mrc_table: pd.DataFrame, variant: str, k: int = 3) -> list[str]:
+def variant_modules(model: nn.Module, mrc_table: pd.DataFrame, variant: str, k: int = 3, module: str | None = None) -> list[str]:
     """The exact module names a variant fine-tunes (``[]`` for ``at``).
 
     Args:
@@ -67,12 +76,19 @@ def variant_modules(model: nn.Module, mrc_table: pd.DataFrame, variant: str, k: 
         mrc_table: MRC per module, columns ``module`` and ``mrc`` (any order).
         variant: one of :data:`VARIANTS`.
         k: how many of the least critical modules ``topk`` fine-tunes.
+        module: the exact module name the ``module`` variant fine-tunes (e.g. ``layer2.1.conv2``).
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown ablation variant {variant!r}; choices: {', '.join(VARIANTS)}")
     names = [n for n, _ in weight_modules(model)]
     if variant == "at":
         return []
+    if variant == "module":
+        if module is None:
+            raise ValueError("the 'module' variant fine-tunes the module --module names (e.g. --module layer2.1.conv2); none was given")
+        if module not in names:
+            raise ValueError(f"unknown module {module!r}; valid modules: {', '.join(names)}")
+        return [module]
     if variant == "all":
         return names
     if variant == "last":
@@ -100,6 +116,19 @@ def variant_modules(model: nn.Module, mrc_table: pd.DataFrame, variant: str, k: 
     return ranked[:1]  # least and no-interp
 
 
+def check_variants(variants: Sequence[str]) -> list[str]:
+    """``variants`` as a list when each is one of :data:`VARIANTS`, once; else a ValueError naming the first bad one."""
+    variants = list(variants)
+    if not variants:
+        raise ValueError(f"no ablation variants given; choices: {', '.join(VARIANTS)}")
+    for v in variants:
+        if v not in VARIANTS:
+            raise ValueError(f"unknown ablation variant {v!r}; choices: {', '.join(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        raise ValueError(f"ablation variants repeat: {', '.join(variants)}")
+    return variants
+
+
 def ablate(
     model_at: nn.Module,
     mrc_table: pd.DataFrame,
@@ -107,7 +136,7 @@ def ablate(
     val: Batches,
     test: Batches,
     cfg: RiftConfig,
-    variants: Sequence[str] = VARIANTS,
+    variants: Sequence[str] = PAPER_VARIANTS,
     k: int = 3,
     out_dir: str | os.PathLike | None = None,
     name: str = "ablation",
@@ -119,7 +148,8 @@ def ablate(
 
     Each fine-tuned variant runs RiFT's own steps (:func:`riftlab.engine.pipeline.finetune`,
     :func:`~riftlab.engine.pipeline.choose_alpha`, :func:`~riftlab.engine.pipeline.evaluate_split`)
-    with ``cfg``'s settings: fine-tuning on ``train`` (augmented clean batches) with the best epoch
+    with ``cfg``'s settings: fine-tuning on ``train`` (augmented clean batches, as
+    :func:`~riftlab.engine.pipeline.finetune_batches` makes them for ``cfg``'s protocol) with the best epoch
     on ``val``, alpha chosen on the ``val`` curve by the paper's rule, then test accuracy (clean and
     PGD, worst of ``cfg.eval_restarts``) of the interpolated model. ``no-interp`` reuses the
     fine-tuned model of ``least`` at alpha 1.
@@ -136,16 +166,12 @@ def ablate(
     variants, continues an interrupted one where it stopped (``resume``), and refuses saved work of
     other settings or of another AT model by name (``overwrite`` redoes it). ``model_at`` is not modified.
     """
-    cfg = cfg if cfg.eps is not None and cfg.step is not None else cfg.resolved()
-    variants = list(variants)
-    if not variants:
-        raise ValueError(f"no ablation variants given; choices: {', '.join(VARIANTS)}")
-    for v in variants:
-        if v not in VARIANTS:
-            raise ValueError(f"unknown ablation variant {v!r}; choices: {', '.join(VARIANTS)}")
-    if len(set(variants)) != len(variants):
-        raise ValueError(f"ablation variants repeat: {', '.join(variants)}")
-    modules = {v: variant_modules(model_at, mrc_table, v, k) for v in variants}  # every bad input fails before any work
+    cfg = cfg.resolved()  # every setting checked (the dataset's defaults kept when already filled in)
+    variants = check_variants(variants)
+    modules = {v: variant_modules(model_at, mrc_table, v, k, cfg.ft_module) for v in variants}  # every bad input fails before any work
+    if cfg.ft_protocol == "reference" and getattr(train, "crop_mode", "zeros") != "reflect":
+        raise ValueError("the reference protocol fine-tunes on reflect-padded crops: pass riftlab.engine.pipeline.finetune_batches(cfg, ...) "
+                         "as train")
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="riftlab-ablation-") as tmp:
             return ablate(model_at, mrc_table, train, val, test, cfg, variants, k, tmp, name, resume, overwrite, log)
@@ -189,16 +215,19 @@ class _Ablation:
         """The fine-tuned weights of ``names`` (stage ``<name>/finetune/<key>``)."""
         cfg = self.cfg
         params = {**self.common, "modules": names, "seed": cfg.seed, "batch_size": self.train.batch_size, "ft_epochs": cfg.ft_epochs,
-                  "ft_lr": cfg.ft_lr, "ft_milestones": ft_milestones(cfg), "update_bn_stats": cfg.update_bn_stats}
+                  "ft_lr": cfg.ft_lr, "ft_milestones": ft_milestones(cfg), "update_bn_stats": cfg.update_bn_stats, **ft_params(cfg)}
         folder = f"{self.name}/finetune/{key}"
+        kept = (f"{folder}/ft_epochs.pt",) if cfg.report_test_selection else ()
 
         def compute(ctx: StageContext) -> dict[str, Any]:
             ft = finetune(cfg, self.model_at, names, self.train, self.val, state=ctx.state)
             ctx.save_checkpoint(f"{folder}/ft.pt", {"model_state": ft.model.state_dict(), "best_epoch": ft.best_epoch})
             ctx.write_csv(f"{folder}/finetune.csv", pd.DataFrame(ft.history))
+            if kept:
+                ctx.save_checkpoint(kept[0], {"epochs": ft.epoch_states})
             return {"best_epoch": ft.best_epoch}
 
-        self.run.run(Stage(folder, params, compute, outputs=(f"{folder}/ft.pt", f"{folder}/finetune.csv")))
+        self.run.run(Stage(folder, params, compute, outputs=(f"{folder}/ft.pt", f"{folder}/finetune.csv", *kept)))
         return read_checkpoint(self.run.path / folder / "ft.pt")["model_state"]
 
     def row(self, variant: str, names: list[str]) -> dict[str, Any]:
@@ -207,10 +236,12 @@ class _Ablation:
         key = "least" if variant == "no-interp" else variant
         theta_ft = self.fine_tuned(key, names) if variant != "at" else None
         folder = f"{self.name}/{variant}"
+        selects = cfg.report_test_selection and variant not in ("at", "no-interp")  # the reference code's test choices
         params = {**self.common, **self.evaluation, "variant": variant, "modules": names, "alphas": list(cfg.alphas),
-                  "threshold": cfg.threshold}
+                  "threshold": cfg.threshold, **({"test_selection": True} if selects else {})}
         inputs = (f"{self.name}/finetune/{key}",) if theta_ft is not None else ()
         outputs = (f"{folder}/result.json", f"{folder}/correct.pt") + ((f"{folder}/interpolation.csv",) if variant not in ("at", "no-interp") else ())
+        outputs += (f"{folder}/test_selection.json",) if selects else ()
 
         def compute(ctx: StageContext) -> dict[str, Any]:
             if variant == "at":
@@ -228,6 +259,16 @@ class _Ablation:
             test_masks = {k: test[f"{k}_correct"] for k in ("clean", "robust")}
             ctx.save_checkpoint(f"{folder}/correct.pt", {"val": val_masks, "test": test_masks})
             row = _row(variant, names, self.model_at, alpha, {"val": (val_masks, at_val), "test": (test_masks, at_test)})
+            if cfg.bn_recalibration_only:
+                row["params"] = 0  # the schedule ran, but no weight trained: only BatchNorm's statistics moved
+            if selects:
+                epochs = read_checkpoint(self.run.path / self.name / "finetune" / key / "ft_epochs.pt")["epochs"]
+                chosen, _ = reference_test_selection(cfg, self.work, self.theta_at, epochs, at_test, self.test, ctx.state.child("selection"))
+                ctx.write_json(f"{folder}/test_selection.json", chosen)
+                row.update({"test_selected_epoch": chosen["epoch"], "test_selected_alpha": chosen["alpha"],
+                            "test_selected_clean_change": chosen["clean_gain"], "test_selected_robust_change": chosen["robust_change"],
+                            "test_selected_null_mean": chosen["null"]["mean"], "test_selected_null_p95": chosen["null"]["p95"],
+                            "test_selected_p_value": chosen["null"]["p_value"]})
             ctx.write_json(f"{folder}/result.json", row)
             return row
 

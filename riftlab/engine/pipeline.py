@@ -6,6 +6,8 @@
     interpolate the validation curve over alpha and the paper's choice           interpolation.csv, interpolation_correct.pt,
                                                                                  alpha.json, rift.pt
     test        AT and AT+RiFT on the test split, same images and starts         test.json, test_correct.pt
+    test_selection  (with report_test_selection) what the reference code's choices   test_selection.json,
+                on test would report, and what choosing alone makes on a null    test_selection_correct.pt
 
 plus ``results.json`` (everything a reader needs, assembled from the stages) and ``riftlab.lock``
 (the runner's record of every stage: :mod:`riftlab.engine.runner`). Each stage's fingerprint
@@ -33,24 +35,28 @@ import torch.nn as nn
 from .. import distributed
 from .._version import __version__
 from .._util import relative_distance, seed_everything
-from ..checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint, read_checkpoint
 from ..compute import resolve_device, set_precision, to_device
+from ..graphs import set_cuda_graphs
 from ..data import Batches, DataSplits, ImageSet, load_dataset
-from ..evaluation.robust import compare, evaluate
+from ..evaluation.robust import clean_correct, compare, evaluate
+from ..evaluation.selection import max_selection, reference_selection_report
 from ..models import build_model
-from ..resume import StepState
+from ..resume import StepState, ensure_state
 from ..steps.criticality import adversarial_set, module_robust_criticality
 from ..steps.finetune import FinetuneResult, finetune_module, get_weight_module
-from ..steps.interpolation import interpolate, interpolation_curve, select_alpha
+from ..steps.interpolation import DEFAULT_ALPHAS, interpolate, interpolation_curve, select_alpha
 from ..steps.training import TrainResult, adversarial_train
 from .config import PROFILES, RiftConfig, attack_seed, data_params, precision_params
 from .runner import RunDir, Stage, StageContext, file_digest
 
 __all__ = ["RiftConfig", "PROFILES", "RiftRun", "AtSource", "run_rift", "prepare", "build_for", "training_batches", "eval_batches",
-           "train_at", "finetune", "choose_alpha", "evaluate_split", "compare_split", "checkpoint_meta", "results_table",
+           "train_at", "finetune", "finetune_batches", "ft_params", "reference_test_selection", "choose_alpha", "evaluate_split", "compare_split", "checkpoint_meta", "results_table",
            "without_masks", "STAGES"]
 
 STAGES = ("at", "mrc", "finetune", "interpolate", "test")
+REFERENCE_ALPHAS = DEFAULT_ALPHAS  # the reference code's test curve: alpha on the 0.1 grid
+SELECTION_PERMUTATIONS = 200  # sign-flip copies of the zero-effect control (riftlab.evaluation.selection)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,11 +68,12 @@ def prepare(cfg: RiftConfig) -> tuple[DataSplits, torch.device]:
     """Seed every generator from ``cfg.seed``, load the data described by ``cfg`` and resolve its device.
 
     Under torchrun this joins the process group and gives each rank its own GPU (see
-    :func:`riftlab.distributed.setup`), and sets the process-wide precision to ``cfg.precision``;
-    on CUDA it turns on ``cudnn.benchmark``.
+    :func:`riftlab.distributed.setup`), and sets the process-wide precision to ``cfg.precision`` and CUDA graphs
+    to ``cfg.cuda_graphs``; on CUDA it turns on ``cudnn.benchmark``.
     """
     device = distributed.setup(cfg.device)
     set_precision(cfg.precision)
+    set_cuda_graphs(cfg.cuda_graphs)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes (training batches, bucketed attacks): tuned once each
     seed_everything(cfg.seed)
@@ -91,6 +98,15 @@ def training_batches(cfg: RiftConfig, splits: DataSplits, device: torch.device |
                    seed=cfg.seed)
 
 
+def finetune_batches(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> Batches:
+    """The training batches fine-tuning sees: the images, order and crops of :func:`training_batches` (the images AT
+    trained on, as in the reference code), padded with zeros, or mirrored at the border under the reference protocol
+    (the reference code's ``RandomCrop(padding_mode="reflect")``; the padding is the dataset's, 4 on CIFAR, 8 on Tiny-ImageNet
+    as there)."""
+    return Batches(splits.train, cfg.batch_size, shuffle=True, augment=True, crop_padding=splits.info.crop_padding, device=device,
+                   seed=cfg.seed, crop_mode="reflect" if cfg.ft_protocol == "reference" else "zeros")
+
+
 def eval_batches(cfg: RiftConfig, images: ImageSet, device: torch.device | str) -> Batches:
     """``images`` in fixed-order batches of ``cfg.eval_batch_size`` (every evaluation and attack)."""
     return Batches(images, cfg.eval_batch_size, device=device)
@@ -101,7 +117,7 @@ def train_at(cfg: RiftConfig, model: nn.Module, train: Batches, val: Batches | N
     return adversarial_train(model, train, val, epochs=cfg.at_epochs, lr=cfg.at_lr, milestones=cfg.at_schedule(), eps=cfg.eps,
                              step=cfg.at_attack_step, attack_steps=cfg.at_attack_steps, method=cfg.at_method, beta=cfg.at_beta,
                              eval_steps=cfg.eval_steps, eval_every=cfg.at_eval_every, seed=cfg.seed, state=state,
-                             progress=cfg.progress, compile=cfg.compile)
+                             progress=cfg.progress, compile=cfg.compile, warmup_epochs=cfg.at_warmup_epochs)
 
 
 def ft_milestones(cfg: RiftConfig) -> list[int]:
@@ -109,11 +125,62 @@ def ft_milestones(cfg: RiftConfig) -> list[int]:
     return [max(1, cfg.ft_epochs // 2)]
 
 
+def ft_params(cfg: RiftConfig) -> dict[str, Any]:
+    """The fine-tuning protocol's settings for a stage's fingerprint, each only where it is not riftlab's default (so runs
+    made before these settings existed keep their fingerprints, and a resume under another protocol is refused by name)."""
+    given = {"ft_protocol": cfg.ft_protocol, "bn_recalibration_only": cfg.bn_recalibration_only,
+             "report_test_selection": cfg.report_test_selection}
+    defaults = {"ft_protocol": "riftlab", "bn_recalibration_only": False, "report_test_selection": False}
+    return {k: v for k, v in given.items() if v != defaults[k]}
+
+
 def finetune(cfg: RiftConfig, model: nn.Module, modules: str | Sequence[str], train: Batches, val: Batches | None,
              state: StepState | None = None) -> FinetuneResult:
-    """Fine-tune ``modules`` of ``model`` (a copy) with ``cfg``'s schedule: ``ft_epochs`` at ``ft_lr``, x0.1 halfway."""
+    """Fine-tune ``modules`` of ``model`` (a copy) with ``cfg``'s schedule: ``ft_epochs`` at ``ft_lr``, x0.1 halfway; BatchNorm
+    in train mode with ``update_bn_stats`` (the reference protocol), no weight trained with ``bn_recalibration_only``, and
+    every epoch's changing tensors kept with ``report_test_selection`` (``train``: :func:`finetune_batches`)."""
     return finetune_module(model, modules, train, val, epochs=cfg.ft_epochs, lr=cfg.ft_lr, update_bn_stats=cfg.update_bn_stats,
-                           milestones=ft_milestones(cfg), state=state, progress=cfg.progress, compile=cfg.compile)
+                           milestones=ft_milestones(cfg), state=state, progress=cfg.progress, compile=cfg.compile,
+                           train_weights=not cfg.bn_recalibration_only, keep_epochs=cfg.report_test_selection)
+
+
+def reference_test_selection(cfg: RiftConfig, model: nn.Module, theta_at: dict[str, torch.Tensor],
+                             epoch_states: Sequence[dict[str, torch.Tensor]], at_test: dict[str, torch.Tensor], test: Batches,
+                             state: StepState | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the reference code would report for one fine-tuning run, chosen on the test split as it chooses, beside the
+    gain that choosing alone makes when nothing changed (:func:`riftlab.evaluation.selection.reference_selection_report`).
+
+    Each fine-tuning epoch's model (``epoch_states`` laid over ``theta_at``) is evaluated clean on ``test``; the best (the
+    first of equals) is interpolated with the AT model on the reference code's 0.1 alpha grid and every point attacked as
+    the test stage attacks (PGD-``eval_steps``, ``eval_restarts``, the test seed), alpha 0 being ``at_test`` (the AT
+    model's per-image test results, ``clean`` and ``robust``). Alpha is the largest test clean gain with test robust
+    accuracy at most ``cfg.threshold`` below AT's. ``model`` gives the architecture (its weights are restored);
+    ``state`` keeps the curve's progress. Returns the report and the per-image results (``epochs``: (E, N) clean;
+    ``alphas``, ``clean``, ``robust``: (A, N)). Cost: E clean passes and 10 attacked passes over ``test``.
+    """
+    state = ensure_state(state)
+    original = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    on_device = [{k: v.to(theta_at[k].device) for k, v in kept.items()} for kept in epoch_states]
+    if not on_device:
+        raise ValueError("no fine-tuning epochs were kept: fine-tune with report_test_selection to report the test-selected result")
+    try:
+        epoch_clean = []
+        for kept in on_device:
+            model.load_state_dict({**theta_at, **kept})
+            epoch_clean.append(clean_correct(model, test))
+        epoch_clean_t = torch.stack(epoch_clean)
+        best = max_selection(at_test["clean"], None, epoch_clean_t, None, float("inf"))["index"]
+        alphas = [a for a in REFERENCE_ALPHAS if a > 0]
+        _, masks = interpolation_curve(model, theta_at, {**theta_at, **on_device[best]}, test, cfg.eps, cfg.step, cfg.eval_steps,
+                                       cfg.eval_restarts, alphas, seed=attack_seed(cfg, "test"), state=state.child("curve"),
+                                       progress=cfg.progress, per_image=True)
+    finally:
+        model.load_state_dict(original)
+    clean = torch.stack([at_test["clean"].bool().cpu(), *[m["clean"] for m in masks]])
+    robust = torch.stack([at_test["robust"].bool().cpu(), *[m["robust"] for m in masks]])
+    report = reference_selection_report(at_test["clean"].cpu(), at_test["robust"].cpu(), epoch_clean_t, list(range(1, len(on_device) + 1)),
+                                        [0.0, *alphas], clean, robust, cfg.threshold, SELECTION_PERMUTATIONS, seed=cfg.seed)
+    return report, {"epochs": epoch_clean_t, "alphas": [0.0, *alphas], "clean": clean, "robust": robust}
 
 
 def choose_alpha(cfg: RiftConfig, model: nn.Module, theta_at: dict[str, torch.Tensor], theta_ft: dict[str, torch.Tensor],
@@ -253,7 +320,9 @@ class RiftRun:
                   "batch_size": cfg.batch_size, "at_epochs": cfg.at_epochs, "at_lr": cfg.at_lr, "at_milestones": cfg.at_schedule(),
                   "at_attack_steps": cfg.at_attack_steps, "at_attack_step": cfg.at_attack_step, "eps": cfg.eps,
                   "at_method": cfg.at_method, "at_beta": cfg.at_beta if cfg.at_method != "pgd" else None, "eval_steps": cfg.eval_steps,
-                  "step": cfg.step, "eval_batch_size": cfg.eval_batch_size, "at_eval_every": cfg.at_eval_every, "compile": cfg.compile}
+                  "step": cfg.step, "eval_batch_size": cfg.eval_batch_size, "at_eval_every": cfg.at_eval_every, "compile": cfg.compile,
+                  **({"cuda_graphs": True} if cfg.cuda_graphs else {}),  # only when set: runs from before these settings keep their fingerprint
+                  **({"at_warmup_epochs": cfg.at_warmup_epochs} if cfg.at_warmup_epochs else {})}
         return Stage("at", params, self._train_at, outputs=outputs)
 
     def mrc_stage(self) -> Stage:
@@ -285,8 +354,9 @@ class RiftRun:
         module, from_mrc = self.finetune_module_name()
         params = {**self._common(), "seed": cfg.seed, "module": module, "module_from": "mrc" if from_mrc else "option",
                   "ft_epochs": cfg.ft_epochs, "ft_lr": cfg.ft_lr, "ft_milestones": ft_milestones(cfg), "update_bn_stats": cfg.update_bn_stats,
-                  "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "compile": cfg.compile}
-        return Stage("finetune", params, self._finetune, inputs=("at", "mrc") if from_mrc else ("at",), outputs=("ft.pt", "finetune.csv"))
+                  "batch_size": cfg.batch_size, "eval_batch_size": cfg.eval_batch_size, "compile": cfg.compile, **ft_params(cfg)}
+        outputs = ("ft.pt", "finetune.csv") + (("ft_epochs.pt",) if cfg.report_test_selection else ())
+        return Stage("finetune", params, self._finetune, inputs=("at", "mrc") if from_mrc else ("at",), outputs=outputs)
 
     def interpolate_stage(self) -> Stage:
         cfg = self.cfg
@@ -302,9 +372,17 @@ class RiftRun:
                   "eval_restarts": cfg.eval_restarts, "eval_batch_size": cfg.eval_batch_size}
         return Stage("test", params, self._test, inputs=("at", "interpolate"), outputs=("test.json", "test_correct.pt"))
 
+    def test_selection_stage(self) -> Stage:
+        cfg = self.cfg
+        params = {**self._common(), "seed": attack_seed(cfg, "test"), "alphas": list(REFERENCE_ALPHAS), "threshold": cfg.threshold,
+                  "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "eval_restarts": cfg.eval_restarts,
+                  "eval_batch_size": cfg.eval_batch_size, "permutations": SELECTION_PERMUTATIONS, "null_seed": cfg.seed}
+        return Stage("test_selection", params, self._test_selection, inputs=("at", "finetune", "test"),
+                     outputs=("test_selection.json", "test_selection_correct.pt"))
+
     def stage(self, name: str) -> Stage:
         stage = {"at": self.at_stage, "mrc": self.mrc_stage, "finetune": self.finetune_stage, "interpolate": self.interpolate_stage,
-                 "test": self.test_stage}[name]()
+                 "test": self.test_stage, "test_selection": self.test_selection_stage}[name]()
         if name not in self.adopt:
             return stage
         command = {"at": "train-at", "mrc": "mrc", "finetune": "finetune", "interpolate": "interpolate"}.get(name, name)
@@ -321,6 +399,11 @@ class RiftRun:
         wanted = list(STAGES[: STAGES.index(until) + 1])
         if "finetune" in wanted and (self.module_option is not None or self.ft_from is not None):
             wanted.remove("mrc")
+        if until == "test" and self.cfg.report_test_selection:
+            if self.ft_from is not None:
+                raise ValueError("report_test_selection (--report-test-selection, or --protocol reference) needs every fine-tuning "
+                                 "epoch, which an imported fine-tuned model does not have: fine-tune in this run instead")
+            wanted.append("test_selection")
         return wanted
 
     def check(self, until: str = "test") -> None:
@@ -430,12 +513,15 @@ class RiftRun:
         module = str(ctx.stage.params["module"])
         at = self.load_model("at.pt")
         get_weight_module(at, module)  # a misspelt name is the error to report
-        self.log(f"fine-tuning {module}: {cfg.ft_epochs} epochs at lr {cfg.ft_lr}")
-        ft = finetune(cfg, at, module, training_batches(cfg, splits, device), eval_batches(cfg, splits.val, device), state=ctx.state)
+        what = "BatchNorm recalibration alone (no weight trained), the schedule of" if cfg.bn_recalibration_only else "fine-tuning"
+        self.log(f"{what} {module}: {cfg.ft_epochs} epochs at lr {cfg.ft_lr} ({cfg.ft_protocol} protocol)")
+        ft = finetune(cfg, at, module, finetune_batches(cfg, splits, device), eval_batches(cfg, splits.val, device), state=ctx.state)
         moved = relative_change(at, ft.model, module)
         ctx.save_checkpoint("ft.pt", {"model_state": ft.model.state_dict(),
                                       "meta": checkpoint_meta(cfg, ft.model, "finetuned", module=module, best_epoch=ft.best_epoch)})
         ctx.write_csv("finetune.csv", pd.DataFrame(ft.history))
+        if cfg.report_test_selection:  # each epoch's changing tensors: what choosing the epoch on test needs
+            ctx.save_checkpoint("ft_epochs.pt", {"epochs": ft.epoch_states, "module": module})
         self.log(f"fine-tuned {module}: kept epoch {ft.best_epoch}; its weight moved by {moved:.3g} of its norm; "
                  f"MRC measured the robust loss within {cfg.mrc_eps:g}")
         return {"module": module, "best_epoch": ft.best_epoch, "relative_change": moved}
@@ -490,6 +576,22 @@ class RiftRun:
         ctx.write_json("test.json", report)
         return report
 
+    def _test_selection(self, ctx: StageContext) -> dict[str, Any]:
+        cfg = self.cfg
+        splits, device = self.data()
+        at = self.load_model("at.pt")
+        theta_at = {k: v.detach().clone() for k, v in at.state_dict().items()}
+        epochs = read_checkpoint(self.out / "ft_epochs.pt")["epochs"]
+        at_test = read_checkpoint(self.out / "test_correct.pt")["at"]
+        report, masks = reference_test_selection(cfg, at, theta_at, epochs, at_test, eval_batches(cfg, splits.test, device), ctx.state)
+        ctx.save_checkpoint("test_selection_correct.pt", masks)
+        ctx.write_json("test_selection.json", report)
+        null = report["null"]
+        self.log(f"chosen on test as the reference code chooses: epoch {report['epoch']}, alpha {report['alpha']}, clean "
+                 f"{report['clean_gain']:+.2f}, robust {report['robust_change']:+.2f} points; choosing alone, with no effect, reports "
+                 f"{null['mean']:+.2f} on average (95th percentile {null['p95']:+.2f}; p = {null['p_value']:.3f})")
+        return report
+
     # -- results.json ----------------------------------------------------------------------------
 
     def results(self) -> dict[str, Any]:
@@ -515,6 +617,9 @@ class RiftRun:
             "test": s["test"],
             "seconds": {name: (self.dir.record(name) or {}).get("seconds") for name in STAGES},
         }
+        if self.cfg.report_test_selection:  # beside the validation-selected result, never instead of it
+            results["test_selected"] = self.dir.summary("test_selection")
+            results["seconds"]["test_selection"] = (self.dir.record("test_selection") or {}).get("seconds")
         write_json(self.out / "results.json", results)
         self.log(results_table(results))
         return results
@@ -548,4 +653,9 @@ def results_table(results: dict[str, Any]) -> str:
                      f"test {format_difference(t['difference'][kind])} (points, 95% paired interval, images +gained/-lost)")
     lines.append(f"module {results['module']}, alpha {results['alpha']}; attack seeds {results['config']['seed']} (validation) "
                  f"and {t['at']['seed']} (test)")
+    chosen = results.get("test_selected")
+    if chosen:
+        lines.append(f"chosen on test as the reference code chooses (epoch {chosen['epoch']}, alpha {chosen['alpha']}): clean "
+                     f"{chosen['clean_gain']:+.2f}, robust {chosen['robust_change']:+.2f}; with no effect at all, that choice reports "
+                     f"{chosen['null']['mean']:+.2f} on average (95th percentile {chosen['null']['p95']:+.2f})")
     return "\n".join(lines)

@@ -80,9 +80,13 @@ def reproduce_table1(
         raise ValueError("give at least one seed")
     out = Path(out)
     dataset_info(dataset)  # an unknown dataset is the error to report, before any run
+    configs = {seed: RiftConfig(**{**PROFILES[profile], "dataset": dataset, "model": model, "seed": int(seed), **overrides})
+               for seed in seeds}
+    for cfg in configs.values():
+        cfg.resolved()  # every seed's settings checked before the first run starts
     rows = []
     for seed in seeds:
-        cfg = RiftConfig(**{**PROFILES[profile], "dataset": dataset, "model": model, "seed": int(seed), **overrides})
+        cfg = configs[seed]
         run_dir = out / f"seed-{seed}"
         log(f"seed {seed}: RiFT ({profile} profile) in {run_dir}")
         run = RiftRun(cfg, run_dir, at=AtSource("train"), resume=resume, overwrite=overwrite, log=log)

@@ -18,7 +18,12 @@ idea of DVC's stage file and lock file, small and inside riftlab. For each stage
 * ``overwrite`` redoes every stage it is asked to run (its files are removed first), except those
   marked ``adopt`` (results of an earlier command that this one only reads);
 * a file a stage would write that exists without a record (another program's, or an older
-  riftlab's) is refused unless ``overwrite``.
+  riftlab's) is refused unless ``overwrite``;
+* a stage is recorded as started when it first saves progress or writes a file: one that fails
+  before (a checkpoint for another model, say) leaves the run directory as it found it, and the
+  corrected command runs without ``--resume``.
+
+A run directory that cannot be created or written is refused before any stage starts.
 
 Files are written atomically (temporary file, fsync, rename) and, under torchrun, by rank 0 only;
 every rank computes every stage.
@@ -43,9 +48,10 @@ import torch
 
 from .. import distributed
 from ..checkpoint import read_checkpoint, save_checkpoint
+from .rules import SettingError
 
 __all__ = ["Stage", "StageContext", "RunDir", "FileState", "StageMismatch", "UnfinishedStage", "fingerprint", "file_digest",
-           "state_digest", "plain", "write_json", "write_csv"]
+           "state_digest", "plain", "write_json", "write_csv", "output_dir_problem", "check_output_dir"]
 
 LOCK = "riftlab.lock"
 
@@ -99,6 +105,42 @@ def state_digest(state: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(state[name].shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The run directory itself: can it be created and written?
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """``None`` when ``path`` is a folder riftlab can write in, or one it can create; else why not, in words.
+
+    Looks without touching anything: nothing is created, not even a test file (a folder refused stays as it was)."""
+    try:
+        return _output_dir_problem(Path(path))
+    except OSError as err:  # an ancestor that cannot be searched
+        return f"cannot reach it: {err.strerror}: {err.filename}"
+
+
+def _output_dir_problem(path: Path) -> str | None:
+    if path.exists():
+        if not path.is_dir():
+            return f"{path} is a file, not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{path} is not writable"
+    if path.is_symlink():
+        return f"{path} is a link to {os.readlink(path)}, which does not exist"
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a folder"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot create it: {parent} is not writable"
+
+
+def check_output_dir(path: str | os.PathLike, name: str = "run directory") -> None:
+    """Raise :class:`~riftlab.engine.rules.SettingError` naming ``name`` unless :func:`output_dir_problem` finds none."""
+    problem = output_dir_problem(path)
+    if problem is not None:
+        raise SettingError(name, str(path), "a folder riftlab can create and write", problem)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +261,12 @@ class StageContext:
     inputs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def path(self, name: str) -> Path:
+        """Where the stage writes ``name`` (asking is writing: the stage is recorded as started, if it is not yet)."""
+        if self.before_write is not None:
+            self.before_write()
         return self.run.path / name
+
+    before_write: Callable[[], Any] | None = None  # called before the stage first writes into the run directory
 
     def save_checkpoint(self, name: str, payload: Mapping[str, Any]) -> Path:
         self._check_output(name)
@@ -246,6 +293,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, resume: bool = False, overwrite: bool = False,
                  log: Callable[[str], Any] | None = None, batch_save_interval: float = 0.0):
+        check_output_dir(path)  # a folder that cannot be written is refused before any stage starts
         self.path = Path(path)
         self.resume, self.overwrite = resume, overwrite
         self.log = log
@@ -367,8 +415,9 @@ class RunDir:
 
     # -- running --------------------------------------------------------------------------------
 
-    def state_of(self, stage_name: str) -> FileState:
-        return _StageState(self.path / "progress" / f"{stage_name}.pt", self.batch_save_interval)
+    def state_of(self, stage_name: str, before_save: Callable[[], Any] | None = None) -> FileState:
+        """Stage ``stage_name``'s progress file; ``before_save`` is called before it or a child first saves."""
+        return _StageState(self.path / "progress" / f"{stage_name}.pt", self.batch_save_interval, before_save)
 
     def run(self, stage: Stage) -> dict[str, Any]:
         """Run ``stage`` (or reuse or resume it, see the module docstring) and return its summary."""
@@ -380,19 +429,30 @@ class RunDir:
             if self.log is not None:
                 self.log(f"{stage.name}: done earlier, reusing it ({self.path / LOCK})")
             return self.summary(stage.name)
-        state = self.state_of(stage.name)
         if action == "redo":
             self._discard(stage)
             self._redone.add(stage.name)
         started = time.strftime("%Y-%m-%d %H:%M:%S")
         previous = self.record(stage.name) if action == "resume" else None
         spent = float((previous or {}).get("seconds", 0.0))
-        self._update(stage.name, {"status": "started", "started": started, "params": plain(dict(stage.params)),
-                                  "inputs": self._input_fingerprints(stage), "seconds": spent})
-        distributed.barrier()
+        marked: list[bool] = []
+        record = {"status": "started", "started": started, "params": plain(dict(stage.params)),
+                  "inputs": self._input_fingerprints(stage), "seconds": spent}
+
+        def mark_started() -> None:
+            # The record is written when the stage first saves progress or writes a file, not before: a stage that fails
+            # before it has computed anything (a checkpoint of another model, say) leaves the run directory as it was.
+            if not marked:
+                marked.append(True)
+                self._update(stage.name, record)
+
+        state = self.state_of(stage.name, mark_started)
         t0 = time.perf_counter()
-        ctx = StageContext(self, stage, state, {n: self.summary(n) for n in stage.inputs})
-        summary = dict(stage.compute(ctx) or {})
+        ctx = StageContext(self, stage, state, {n: self.summary(n) for n in stage.inputs}, before_write=mark_started)
+        try:
+            summary = dict(stage.compute(ctx) or {})
+        except FloatingPointError as err:  # a loss that diverged: say in which stage, on one line
+            raise FloatingPointError(f"stage {stage.name}: {err}") from None
         distributed.barrier()  # rank 0 has written every output
         seconds = spent + time.perf_counter() - t0
         outputs = {out: file_digest(self.path / out) if distributed.is_main() else None for out in stage.outputs}
@@ -414,11 +474,18 @@ class RunDir:
 
 
 class _StageState(FileState):
-    """A stage's progress file; its children (per-batch progress inside the stage) save at most every ``interval`` seconds."""
+    """A stage's progress file; its children (per-batch progress inside the stage) save at most every ``interval`` seconds.
+    ``before_save`` is called before any of them saves (the runner records the stage as started then)."""
 
-    def __init__(self, path: Path, interval: float):
-        super().__init__(path)
+    def __init__(self, path: Path, interval: float, before_save: Callable[[], Any] | None = None, min_interval: float = 0.0):
+        super().__init__(path, min_interval=min_interval)
         self._interval = interval
+        self._before_save = before_save
+
+    def save(self, progress: dict[str, Any]) -> None:
+        if self._before_save is not None:
+            self._before_save()
+        super().save(progress)
 
     def child(self, name: str) -> FileState:
-        return FileState(self.path.with_suffix("") / f"{name}.pt", None, self._interval)
+        return _StageState(self.path.with_suffix("") / f"{name}.pt", self._interval, self._before_save, self._interval)

@@ -1,5 +1,5 @@
 """Measuring models: clean and PGD robust accuracy and paired comparisons (``robust``), their
-statistics (``stats``), AutoAttack (``autoattack``), gradient-masking checks (``sanity``) and
+statistics (``stats``), what choosing on the test split would report (``selection``), AutoAttack (``autoattack``), gradient-masking checks (``sanity``) and
 common corruptions (``corruptions``, ``ood``)."""
 
 from .robust import accuracy, compare, evaluate

@@ -11,9 +11,10 @@ from .. import distributed
 from ..attacks import _ascend, eval_mode, random_start_point
 from .._progress import bar
 from ..compute import autocast
+from ..graphs import graphed_for
 from ..resume import StepState, ensure_state
 
-__all__ = ["evaluate", "accuracy", "compare"]
+__all__ = ["evaluate", "accuracy", "clean_correct", "compare"]
 
 
 @torch.no_grad()
@@ -31,6 +32,19 @@ def accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
         distributed.all_reduce_sum(counts)
     correct, total = counts.tolist()
     return 100.0 * correct / max(total, 1)
+
+
+@torch.no_grad()
+def clean_correct(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Whether ``model`` classifies each clean image right: a boolean CPU tensor (N,) in the order of ``batches``
+    (every rank evaluates all of them under torchrun: a clean pass is cheap)."""
+    model = distributed.unwrap(model)
+    device = next(model.parameters()).device
+    out = []
+    with eval_mode(model), autocast(device):
+        for x, y in batches:
+            out.append((model(x).argmax(1) == y).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
 def evaluate(
@@ -136,9 +150,9 @@ def compare(
 
     Both models go through :func:`evaluate` with the same ``batches`` and ``seed``, so every image
     meets the same PGD starts for A and for B; the robust difference is then a difference of the
-    models, not of the attack's luck. Differences are B minus A, in points, each with the exact
-    conditional 95% interval of :func:`riftlab.stats.paired_difference` (Clopper-Pearson on the
-    discordant images, McNemar) and the counts of images gained and lost.
+    models, not of the attack's luck. Differences are B minus A, in points, each with the paired 95%
+    score interval of :func:`riftlab.stats.paired_difference`, the exact McNemar p-value and the
+    counts of images gained and lost.
 
     ``state`` (:mod:`riftlab.resume`): each model's evaluation keeps its progress in
     ``state.child("a")`` / ``state.child("b")``.
@@ -177,10 +191,24 @@ def _robust_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         live = len(idx)
         if x.is_cuda:  # a few fixed batch shapes, so cudnn.benchmark tunes each once: pad with images already lost
             idx = _bucketed(idx, alive, len(y))
-        x_adv = _ascend(model, x[idx], y[idx], starts[idx], eps, step, steps)
-        with torch.no_grad(), autocast(x.device):
-            alive[idx[:live]] = (model(x_adv).argmax(1) == y[idx])[:live]
+        alive[idx[:live]] = graphed_for(model, survives_attack, (eps, step, steps))(x[idx], y[idx], starts[idx])[:live]
     return clean, alive
+
+
+def survives_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, start: torch.Tensor, eps: float, step: float,
+                    steps: int) -> torch.Tensor:
+    """Whether ``model`` (in eval mode) still classifies each image right after PGD from ``start``: boolean (N,).
+
+    Capture-safe (:mod:`riftlab.graphs`): with CUDA graphs on, each bucket shape of :func:`_robust_correct`'s
+    attacked batches is one graph replay.
+
+    Args:
+        x: clean images in [0, 1], (N, C, H, W); ``start``: the attack's start points, same shape. y: labels, (N,).
+        eps, step, steps: the l_inf radius, step size (pixel units) and number of PGD steps.
+    """
+    x_adv = _ascend(model, x, y, start, eps, step, steps)
+    with torch.no_grad(), autocast(x.device), eval_mode(model):
+        return model(x_adv).argmax(1) == y
 
 
 def _bucketed(idx: torch.Tensor, alive: torch.Tensor, n: int, buckets: int = 8) -> torch.Tensor:

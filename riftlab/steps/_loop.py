@@ -83,6 +83,7 @@ class LoopState:
     best_epoch: int = -1
     best_score: float = -math.inf
     best_state: dict[str, torch.Tensor] | None = None
+    kept: list[dict[str, torch.Tensor]] = field(default_factory=list)  # per-epoch tensors a step chose to keep
 
     def update_best(self, epoch: int, score: float, model: nn.Module) -> bool:
         if score > self.best_score:
@@ -94,7 +95,7 @@ class LoopState:
         """Everything needed to continue after the epoch just finished (for :meth:`StepState.save`)."""
         return {"model_state": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                 "next_epoch": self.next_epoch, "history": self.history, "best_epoch": self.best_epoch,
-                "best_score": self.best_score, "best_state": self.best_state}
+                "best_score": self.best_score, "best_state": self.best_state, "kept": self.kept}
 
     @classmethod
     def resume(cls, state: StepState, model: nn.Module, opt: torch.optim.Optimizer, sched: Any) -> "LoopState":
@@ -107,7 +108,7 @@ class LoopState:
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         best = {k: v.to(device) for k, v in saved["best_state"].items()} if saved["best_state"] is not None else None
-        return cls(saved["next_epoch"], list(saved["history"]), saved["best_epoch"], saved["best_score"], best)
+        return cls(saved["next_epoch"], list(saved["history"]), saved["best_epoch"], saved["best_score"], best, list(saved.get("kept", [])))
 
 
 def epoch_line(what: str, record: dict[str, Any], epochs: int, seconds: float) -> str:
@@ -124,9 +125,33 @@ def epoch_line(what: str, record: dict[str, Any], epochs: int, seconds: float) -
     return f"{what} {record['epoch']}/{epochs}: {', '.join(parts)}, {seconds:.0f} s"
 
 
-def nonfinite_error(what: str, value: float, epoch: int, step: int, state: StepState) -> FloatingPointError:
-    """The error for a loss that became NaN or infinite: where it happened and what is kept."""
-    where = getattr(state, "where", None)
-    kept = f"; the progress of epoch {epoch} is kept in {where}" if where and epoch > 0 else ""
-    return FloatingPointError(f"{what} loss became {value} at step {step + 1} of epoch {epoch + 1}{kept}. "
-                              "Lower the learning rate (or check the data for NaNs).")
+def first_nonfinite(model: nn.Module) -> str | None:
+    """The name of the first floating-point tensor of ``model`` (parameter or buffer) holding a NaN or an infinity, else None."""
+    tensors = [(name, t) for name, t in model.state_dict().items() if t.is_floating_point()]
+    if not tensors:
+        return None
+    bad = torch.stack([~torch.isfinite(t).all() for _, t in tensors])  # one host sync for the whole model
+    return tensors[int(bad.nonzero()[0, 0])][0] if bool(bad.any()) else None
+
+
+def check_finite(what: str, stats: dict[str, Any], model: nn.Module, epoch: int, lr: float, state: StepState) -> None:
+    """Stop the epoch just trained (``epoch``, from 0) if it went non-finite: its loss (at the first such batch) or the
+    weights it left (the last batch's update: the next batch's loss would have shown it). Called before the epoch's
+    progress is saved, so no NaN or infinite weights are kept anywhere."""
+    if stats["first_bad_step"] >= 0:
+        where = f"the loss became {stats['loss']:g} at batch {stats['first_bad_step'] + 1}"
+    else:
+        name = first_nonfinite(model)
+        if name is None:
+            return
+        where = f"{name} became non-finite at the last batch"
+    raise nonfinite_error(what, where, epoch, lr, state)
+
+
+def nonfinite_error(what: str, where: str, epoch: int, lr: float, state: StepState) -> FloatingPointError:
+    """The one-line error for a step that went NaN or infinite: where it happened, what is kept, what to change."""
+    kept_in = getattr(state, "where", None)
+    done = "epoch 1 is" if epoch == 1 else f"epochs 1-{epoch} are"
+    kept = f"; {done} kept in {kept_in}" if kept_in and epoch > 0 else ""
+    return FloatingPointError(f"{what}: {where} of epoch {epoch + 1} (learning rate {lr:g}); nothing of epoch {epoch + 1} "
+                              f"is saved{kept}. Lower the learning rate (or check the data for NaNs).")

@@ -25,6 +25,7 @@ from .._progress import bar
 from .._util import relative_distance
 from ..attacks import eval_mode, pgd
 from ..compute import autocast, autocast_dtype, loss_scale
+from ..graphs import ShapeGraphs, cuda_graphs_enabled
 from ..models import weight_modules
 from ..resume import StepState, ensure_state
 
@@ -242,7 +243,8 @@ def _module_row(model: nn.Module, rest: _Rest, module: nn.Module, name: str, adv
 
     Each ascent step runs only the part of the network the weight can change (:class:`_Rest`). A
     batch that does not fit in GPU memory is split and its gradient summed over the parts: the step
-    is the same (up to the order of a sum)."""
+    is the same (up to the order of a sum). With CUDA graphs on (:mod:`riftlab.graphs`) a pass over
+    ``adv`` is one graph replay: the first pass runs eagerly, the second is recorded."""
     weight = module.weight
     original = weight.detach().clone()
     radius = eps * original.norm()
@@ -253,17 +255,12 @@ def _module_row(model: nn.Module, rest: _Rest, module: nn.Module, name: str, adv
     scale = loss_scale(device)  # fp16: keep small gradients from underflowing (the step is normalised)
     try:
         weight.requires_grad_(True)
+        one_pass = ShapeGraphs(lambda r: _ascent_pass(forward, model, adv, weight, original, r, step_size, scale, device), warmup=1,
+                               enabled=cuda_graphs_enabled())
         with bar(passes * len(adv), f"MRC {name}", progress, unit="step", leave=False) as live:
             for _ in range(passes):
-                for i, (x, y) in enumerate(adv):
-                    grad = _weight_gradient(forward, model, i, x, y, weight, scale, device)
-                    with torch.no_grad():
-                        weight.add_(grad * (step_size * radius / grad.norm().clamp_min(1e-12)))
-                        # Project back onto the ball after every step (the reference checks once per pass).
-                        delta = weight - original
-                        shrink = torch.clamp(radius / delta.norm().clamp_min(1e-30), max=1.0)
-                        weight.copy_(original + delta * shrink)
-                    live.update(1)
+                one_pass(radius)
+                live.update(len(adv))
         weight.requires_grad_(False)
         loss, acc = _loss_and_accuracy(exact, adv)
         reached = relative_distance(weight, original)
@@ -274,6 +271,20 @@ def _module_row(model: nn.Module, rest: _Rest, module: nn.Module, name: str, adv
     return {"module": name, "mrc": loss - base_loss, "adv_loss": base_loss, "perturbed_adv_loss": loss,
             "robust_acc": base_acc, "perturbed_robust_acc": acc, "robust_acc_drop": base_acc - acc,
             "params": weight.numel(), "relative_change": reached}
+
+
+def _ascent_pass(forward: Callable[[int, torch.Tensor], torch.Tensor], model: nn.Module, adv: Sequence[Batch], weight: torch.Tensor,
+                 original: torch.Tensor, radius: torch.Tensor, step_size: float, scale: float, device: torch.device) -> None:
+    """One pass of normalised gradient ascent on ``weight`` over the batches of ``adv``, in place, each step projected back
+    onto the l2 ball of ``radius`` (0-d tensor) around ``original``. Capture-safe: no host sync, no branch on a value."""
+    for i, (x, y) in enumerate(adv):
+        grad = _weight_gradient(forward, model, i, x, y, weight, scale, device)
+        with torch.no_grad():
+            weight.add_(grad * (step_size * radius / grad.norm().clamp_min(1e-12)))
+            # Project back onto the ball after every step (the reference checks once per pass).
+            delta = weight - original
+            shrink = torch.clamp(radius / delta.norm().clamp_min(1e-30), max=1.0)
+            weight.copy_(original + delta * shrink)
 
 
 def _weight_gradient(forward: Callable[[int, torch.Tensor], torch.Tensor], model: nn.Module, i: int, x: torch.Tensor, y: torch.Tensor,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import time
 from dataclasses import dataclass, field
 
@@ -9,11 +10,14 @@ import torch
 import torch.nn as nn
 
 from .. import distributed
-from ._loop import LoopState, epoch_line, nonfinite_error, train_epoch
+from ._graph import graphed_training_or_none
+from ._loop import LoopState, check_finite, epoch_line, train_epoch
 from .._progress import bar
 from .._util import milestones_for
 from ..resume import StepState, ensure_state
+from ..compute import grad_scaler
 from ..data import Batches
+from ..graphs import cuda_graphs_enabled
 from ..evaluation.robust import accuracy, evaluate
 from .losses import at_objective, check_method
 
@@ -49,12 +53,16 @@ def adversarial_train(
     state: StepState | None = None,
     progress: bool = False,
     compile: bool = False,
+    warmup_epochs: int = 0,
 ) -> TrainResult:
     """Train ``model`` in place on PGD adversarial examples (``attack_steps=0``: standard training).
 
     Defaults are the paper's recipe (Bag of Tricks for AT): SGD momentum 0.9, weight decay 5e-4,
     lr 0.1 decayed x0.1 at epochs 100 and 105 of 110 (scaled to shorter runs), PGD-10 with step
     2/255 inside an 8/255 ball, random start, BatchNorm in eval mode while attacking.
+    ``warmup_epochs=w`` ramps the learning rate linearly over the first w epochs (lr * (e + 1) / w in
+    epoch e), as large-batch training does when it scales the learning rate with the batch (the
+    throughput profile: batch 512, lr 0.4, 5 warm-up epochs; not the paper's recipe).
 
     ``method`` picks the objective (see :mod:`riftlab.losses`): ``"pgd"`` (PGD-AT, cross-entropy
     on PGD examples), ``"trades"`` (CE on x + ``beta`` * KL to the KL-PGD example) or ``"mart"``
@@ -76,17 +84,24 @@ def adversarial_train(
     Speed: attacks and forward passes run under :func:`riftlab.compute.autocast` (bf16 on CUDA by
     default); ``compile=True`` trains through ``torch.compile(model)``. Under torchrun the model
     is trained with DistributedDataParallel, each rank on its slice of every batch (see
-    :mod:`riftlab.distributed`).
+    :mod:`riftlab.distributed`). With CUDA graphs on (:func:`riftlab.graphs.set_cuda_graphs`), PGD-AT's batch
+    step (standard training's too) is one graph replay (:mod:`riftlab.steps._graph`: the same step, the same
+    random starts); TRADES, MART, ``compile``, torchrun and fp16 train eagerly, with a line saying so.
     """
     if epochs < 1 or eval_every < 1:
         raise ValueError(f"epochs and eval_every must be >= 1, got {epochs} and {eval_every}")
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs must be in [0, epochs) = [0, {epochs}), got {warmup_epochs}")
     check_method(method, beta)
     if method != "pgd" and attack_steps < 1:
         raise ValueError(f"method {method!r} needs adversarial examples: attack_steps must be >= 1, got {attack_steps}")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     milestones = milestones if milestones is not None else milestones_for(epochs, 110, (100, 105))
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    if warmup_epochs > 0:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupThenSteps(warmup_epochs, milestones))
+    else:
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     adversarial = attack_steps > 0
     key = "val_robust_acc" if adversarial and val is not None else "val_clean_acc"
     state = ensure_state(state)
@@ -94,19 +109,23 @@ def adversarial_train(
     device = train.device
     trainer, fast = distributed.for_training(model, compile)
     batches, _ = distributed.shard(train)
+    graphed = graphed_training_or_none(model, opt, method, eps, step, attack_steps, compile, distributed.active(),
+                                       grad_scaler(device) is not None) if cuda_graphs_enabled() else None
     what = "adversarial training" if adversarial else "training"
     for epoch in range(loop.next_epoch, epochs):
         model.train()
         batches.set_epoch(epoch)
         gen = torch.Generator(device=device).manual_seed(seed * 7919 + epoch + 1_000_003 * distributed.rank())
-        objective = at_objective(method, eps, step, attack_steps, beta, generator=gen, attacker=fast) if adversarial else None
         lr_used = opt.param_groups[0]["lr"]
         started = time.perf_counter()
         with bar(train.num_examples, f"{what} {epoch + 1}/{epochs}", progress, leave=False) as live:
-            stats = train_epoch(trainer, batches, opt, loss_fn=objective, bar=live)
+            if graphed is not None:
+                stats = graphed.epoch(batches, gen, bar=live)
+            else:
+                objective = at_objective(method, eps, step, attack_steps, beta, generator=gen, attacker=fast) if adversarial else None
+                stats = train_epoch(trainer, batches, opt, loss_fn=objective, bar=live)
             sched.step()
-            if stats["first_bad_step"] >= 0:
-                raise nonfinite_error("training", stats["loss"], epoch, stats["first_bad_step"], state)
+            check_finite(what, stats, model, epoch, lr_used, state)
             record = {"epoch": epoch + 1, "lr": lr_used, "train_loss": stats["loss"],
                       ("train_robust_acc" if adversarial else "train_clean_acc"): stats["acc"]}
             validate = val is not None and ((epoch + 1) % eval_every == 0 or epoch + 1 == epochs)
@@ -127,3 +146,15 @@ def adversarial_train(
     if loop.best_state is not None:
         model.load_state_dict(loop.best_state)
     return TrainResult(model, loop.history, loop.best_epoch)
+
+
+@dataclass(frozen=True)
+class WarmupThenSteps:
+    """The learning-rate factor of epoch ``e`` (from 0): (e + 1) / ``warmup`` during the warm-up, times 0.1 for every
+    milestone passed (MultiStepLR's drops). A dataclass, not a lambda, so that a scheduler's state can be saved."""
+
+    warmup: int
+    milestones: list[int]
+
+    def __call__(self, epoch: int) -> float:
+        return min(1.0, (epoch + 1) / self.warmup) * 0.1 ** bisect.bisect_right(self.milestones, epoch)
