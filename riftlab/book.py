@@ -763,9 +763,15 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
                 "did RiFT's test clean gain have a 95% interval above 0 with robust accuracy held")
     if over is not None:
         c, r = over["clean"], over["robust"]
-        lead += (f". Over seeds {', '.join(str(s) for s in c['seeds'])} of {where}, AT+RiFT minus AT is "
-                 f"{c['mean']:+.2f} clean points (95% interval over seeds [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]) and "
-                 f"{r['mean']:+.2f} robust points ([{r['ci_low']:+.2f}, {r['ci_high']:+.2f}])")
+        seeds = ', '.join(str(s) for s in c['seeds'])
+        if c.get("sd") == 0 and r.get("sd") == 0:  # every seed the same: an interval over seeds of width 0 says only that
+            lead += (f". In every one of seeds {seeds} of {where}, AT+RiFT minus AT is exactly {c['mean']:+.2f} clean and "
+                     f"{r['mean']:+.2f} robust points (the seeds agree, so their spread gives no interval; the test images' "
+                     "uncertainty is the pooled interval)")
+        else:
+            lead += (f". Over seeds {seeds} of {where}, AT+RiFT minus AT is "
+                     f"{c['mean']:+.2f} clean points (95% interval over seeds [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}]) and "
+                     f"{r['mean']:+.2f} robust points ([{r['ci_low']:+.2f}, {r['ci_high']:+.2f}])")
     pooled = block.get("pooled") or {}
     if pooled.get("clean") and pooled.get("robust"):
         lead += (f"; pooled over the seeds' {pooled['clean']['n']} paired test images, {_ci(pooled['clean'])} clean and "
@@ -780,7 +786,7 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
                  f"{_ci(d['robust'])} robust points")
     missing = block.get("seeds_missing") or []
     if missing:
-        lead += f" (seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)} of the plan did not finish in the study's session)"
+        lead += f" (seed{'s' if len(missing) > 1 else ''} {', '.join(str(s) for s in missing)} of the plan have not been run yet)"
     if len(gains) == 0:
         lead += ". At these sizes the product cannot show RiFT working; the trend table says how the change moves with width and data"
     return lead + "."

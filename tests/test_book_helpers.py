@@ -6,6 +6,7 @@ Tiny synthetic configurations keep these to seconds on a CPU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -337,3 +338,26 @@ def test_width_note_names_a_wider_model_only_where_it_is_weaker():
     assert "width 32 (78.00 / 65.00) below width 16 (83.00 / 73.00) on 10000 images" in note and "width 64" not in note
     study["trend"][2] = row(32, 10000, 84.0, 72.5)  # wider and better clean: not weaker on both
     assert book.study_width_note(study) == ""
+
+
+def test_summary_sentence_says_when_every_seed_agrees_and_gives_no_zero_width_interval():
+    """The committed headline kept alpha = 0 in every seed: the sentence says the seeds agree exactly instead of showing
+    an interval over seeds of width 0, and gives the pooled paired interval, which is never [0, 0]."""
+    import copy
+    import json
+
+    from riftlab import book
+    from riftlab.evaluation.stats import over_seeds
+
+    study = json.loads((Path(__file__).resolve().parents[1] / "results" / "scale_study" / "study.json").read_text())
+    head = study["headline"]
+    same = copy.deepcopy(study)
+    for kind in ("clean", "robust"):
+        same["headline"]["over_seeds"][kind] = over_seeds([0.0, 0.0, 0.0], [0, 1, 2])
+    text = book.study_summary_sentence(same)
+    assert "exactly +0.00 clean" in text and "seeds agree" in text and "[+0.00, +0.00]" not in text
+    spread = copy.deepcopy(study)
+    for kind in ("clean", "robust"):
+        spread["headline"]["over_seeds"][kind] = over_seeds([0.1, -0.05, 0.02], [0, 1, 2])
+    assert "95% interval over seeds [" in book.study_summary_sentence(spread)
+    assert head["pooled"]["clean"]["ci_low"] < 0 < head["pooled"]["clean"]["ci_high"]
