@@ -113,7 +113,7 @@ def _run_options(p: argparse.ArgumentParser, out: str = "runs/riftlab") -> None:
                         "ones (T4, V100), fp32 on the CPU; or one of fp32, bf16, fp16 everywhere")
     g.add_argument("--compile", action="store_true", default=None, help="train through torch.compile (slow first batches)")
     g.add_argument("--cuda-graphs", action="store_true", default=None,
-                   help="on CUDA, replay each PGD-AT batch step and each evaluation attack as one CUDA graph (same steps, same starts)")
+                   help="on CUDA, run each training batch step, attack and MRC pass as one CUDA graph replay (the same steps)")
     g.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
 
 

@@ -82,7 +82,7 @@ class RiftConfig:
     # speed: bf16 autocast on CUDA ("auto"), "fp32" or "bf16" everywhere; torch.compile for training
     precision: str = "auto"
     compile: bool = False
-    cuda_graphs: bool = False  # PGD-AT steps and evaluation's attacks as CUDA graph replays (riftlab.graphs); eager is the reference
+    cuda_graphs: bool = False  # training steps, attacks and MRC passes as CUDA graph replays (riftlab.graphs); eager is the reference
     progress: bool = True
 
     def resolved(self) -> "RiftConfig":
