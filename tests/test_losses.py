@@ -163,4 +163,4 @@ def test_command_line_method_and_beta(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train-at", *tiny, "--method", "awp", "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "riftlab train-at: error: unknown at_method 'awp' (adversarial-training method); choices: pgd, trades, mart"
+    assert err == "riftlab train-at: error: --method must be one of pgd, trades, mart, got 'awp'"

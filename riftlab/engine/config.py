@@ -106,7 +106,10 @@ class RiftConfig:
         """Check every setting against its rule in :data:`RULES` (type, finiteness, range), then the settings that
         depend on each other; raise :class:`~riftlab.engine.rules.SettingError` (one line: the setting, the value
         given, what is allowed) on the first that fails. Touches nothing: call it before any data or model."""
-        check_settings(dataclasses.asdict(self))
+        values = dataclasses.asdict(self)
+        if self.robustbench is not None and self.model == f"robustbench:{self.robustbench}":
+            del values["model"]  # a RobustBench model's architecture is RobustBench's, named after it (riftlab.zoo)
+        check_settings(values)
         if self.at_milestones is not None and self.at_milestones and self.at_milestones[-1] >= self.at_epochs:
             raise SettingError("at_milestones", self.at_milestones, f"increasing epochs in [1, at_epochs) = [1, {self.at_epochs})")
         if self.at_warmup_epochs >= self.at_epochs:
