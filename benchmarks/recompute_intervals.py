@@ -10,7 +10,8 @@ CPU rows, whose per-image files were not committed), the counts are recovered ex
 script refuses to go on, naming the place, if no pair or more than one matches. Where per-image results are committed
 (the GPU row's ``interpolation_correct.pt``) the curve is recomputed from them instead.
 
-    python benchmarks/recompute_intervals.py --check     # what would change, nothing written
+    python benchmarks/recompute_intervals.py --check     # what would change, nothing written (files that already hold
+                                                         # the new intervals are refused by name: the old ones are gone)
     python benchmarks/recompute_intervals.py             # rewrite the files (atomically), then re-run the tests
 
 Over-seed summaries are recomputed from their values (the Student-t interval is unchanged; a note is added where every
@@ -63,10 +64,6 @@ def recover_counts(diff: float, low: float, high: float, n: int, where: str) -> 
     return matches[0]
 
 
-def _new(gained: int, lost: int, n: int) -> dict[str, Any]:
-    return difference_from_counts(gained, lost, n)
-
-
 def fix_difference(d: dict[str, Any], where: str, n: int | None = None) -> None:
     """A {diff, ci_low, ci_high[, gained, lost, n, method]} block, in place."""
     n = int(d.get("n", n))
@@ -74,7 +71,7 @@ def fix_difference(d: dict[str, Any], where: str, n: int | None = None) -> None:
         gained, lost = int(d["gained"]), int(d["lost"])
     else:
         gained, lost = recover_counts(d["diff"], d["ci_low"], d["ci_high"], n, where)
-    new = _new(gained, lost, n)
+    new = difference_from_counts(gained, lost, n)
     assert abs(new["diff"] - d["diff"]) < 1e-9, where
     d.update(ci_low=new["ci_low"], ci_high=new["ci_high"])
     if "method" in d or "gained" in d:
@@ -89,7 +86,7 @@ def fix_row(row: dict[str, Any], where: str, sizes: dict[str, int]) -> None:
             if f"{key}_ci_low" not in row:
                 continue
             gained, lost = int(row[f"{key}_gained"]), int(row[f"{key}_lost"])
-            new = _new(gained, lost, n)
+            new = difference_from_counts(gained, lost, n)
             assert abs(new["diff"] - row[f"{key}_change"]) < 1e-6, (where, key)
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = new["ci_low"], new["ci_high"]
 
@@ -101,7 +98,7 @@ def fix_curve_point(point: dict[str, Any], where: str, n: int, counts: dict[str,
         else:
             gained, lost = recover_counts(point[f"{kind}_change"], point[f"{kind}_change_low"], point[f"{kind}_change_high"], n,
                                           f"{where} {kind}")
-        new = _new(gained, lost, n)
+        new = difference_from_counts(gained, lost, n)
         assert abs(new["diff"] - point[f"{kind}_change"]) < 1e-6, where
         point[f"{kind}_change_low"], point[f"{kind}_change_high"] = new["ci_low"], new["ci_high"]
 
@@ -163,7 +160,11 @@ def gpu_run_counts(run_dir: Path) -> list[dict[str, tuple[int, int]]]:
     base = masks[alphas.index(0.0)]
     counts = []
     for mask in masks:
-        counts.append({kind: (lambda d: (d["gained"], d["lost"]))(paired_difference(base[kind], mask[kind])) for kind in ("clean", "robust")})
+        per_kind = {}
+        for kind in ("clean", "robust"):
+            d = paired_difference(base[kind], mask[kind])
+            per_kind[kind] = (d["gained"], d["lost"])
+        counts.append(per_kind)
     return counts
 
 
@@ -177,7 +178,7 @@ def fix_gpu_run(run_dir: Path, counts: list[dict[str, tuple[int, int]]], changed
         rows = list(csv.DictReader(f))
     for row, per_kind in zip(rows, counts, strict=True):
         for kind in ("clean", "robust"):
-            new = _new(*per_kind[kind], val_n)
+            new = difference_from_counts(*per_kind[kind], val_n)
             assert abs(new["diff"] - float(row[f"{kind}_change"])) < 1e-6, (run_dir, row["alpha"])
             row[f"{kind}_change_low"], row[f"{kind}_change_high"] = repr(new["ci_low"]), repr(new["ci_high"])
     text = io.StringIO()
@@ -188,7 +189,7 @@ def fix_gpu_run(run_dir: Path, counts: list[dict[str, tuple[int, int]]], changed
     chosen = json.loads((run_dir / "alpha.json").read_text())
     index = [float(r["alpha"]) for r in rows].index(chosen["alpha"])
     for kind in ("clean", "robust"):
-        new = _new(*counts[index][kind], val_n)
+        new = difference_from_counts(*counts[index][kind], val_n)
         chosen[f"{kind}_ci"] = [new["ci_low"], new["ci_high"]]
         fix_difference(results["validation"]["difference"][kind], f"{run_dir.name} validation {kind}", val_n)
         fix_difference(results["test"]["difference"][kind], f"{run_dir.name} test {kind}")
@@ -213,7 +214,7 @@ def fix_chapter7(result: dict[str, Any], where: str) -> None:
             fix_difference(result["difference"][split][kind], f"{where} {split} {kind}", n)
 
 
-def write_text(path: Path, text: str, changed: list[Path] | None = None, check: bool = False) -> None:
+def write_text(path: Path, text: str, changed: list[Path] | None = None) -> None:
     """Atomic: a temporary file in the same folder, then a rename; records the path when its bytes change."""
     if path.read_text() == text:
         return
