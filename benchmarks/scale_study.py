@@ -96,11 +96,14 @@ TABLE3 = {"table3": "at,least,most,no-interp", "table3b": "last,all"}
 # an `riftlab ablate` folder next to the run (folder: ablate variant, extra options); every one reports, beside its
 # validation-selected result, what choosing its epoch and alpha on test would report (riftlab.evaluation.selection).
 DECOMPOSITION: dict[str, tuple[str, list[str]]] = {
-    "frozen-bn": ("least", ["--report-test-selection"]),  # riftlab's default: BatchNorm frozen, the least critical module
     "reference": ("least", ["--protocol", "reference"]),  # the reference code's fine-tuning, at MRC's least critical module
-    "reference-paper": ("module", ["--protocol", "reference", "--module", "layer2.1.conv2"]),  # ... at the paper's module
     "bn-only": ("least", ["--protocol", "reference", "--bn-recalibration-only"]),  # the same schedule, no weight trained
+    "reference-paper": ("module", ["--protocol", "reference", "--module", "layer2.1.conv2"]),  # ... at the paper's module
+    "frozen-bn": ("least", ["--report-test-selection"]),  # riftlab's default: BatchNorm frozen, the least critical module
 }
+# The settings the further seeds (--decomposition-seeds) run: the authors' protocol and its BatchNorm control, the two
+# numbers the book's answer gives over seeds (each folder costs about as much as the rift run itself).
+DECOMPOSITION_SEEDED = ("reference", "bn-only")
 AT_EPOCHS = 10  # the study profile's adversarial training; runs of another length carry it in their name
 DECOMPOSITION_AT_EPOCHS = (10, 40)  # the AT lengths the decomposition runs at (--at-epochs)
 
@@ -169,14 +172,21 @@ def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = Tru
     return out
 
 
-def decomposition_jobs(root: Path, lengths: tuple[int, ...]) -> list[Job]:
-    """The decomposition (:data:`DECOMPOSITION`) at the middle configuration, seed 0, for each AT length in ``lengths``:
-    the rift run of a length other than the study's first (the study's own run is a grid job), then its ablate folders."""
+def decomposition_jobs(root: Path, lengths: tuple[int, ...], seeds: tuple[int, ...] = (0,)) -> list[Job]:
+    """The decomposition at the middle configuration for each AT length in ``lengths``: seed 0 runs every
+    :data:`DECOMPOSITION` setting, the other ``seeds`` those of :data:`DECOMPOSITION_SEEDED`. Per length, the rift runs
+    come first (the long AT chains, so that they overlap the cheaper folders; at the study's own length they are the
+    study's jobs), then the folders, seed by seed."""
     width, train = MIDDLE
     jobs = []
     for length in lengths:
-        rift, *folders = jobs_for(root, width, train, 0, at_epochs=length, folders=DECOMPOSITION)
-        jobs += ([rift] if length != AT_EPOCHS else []) + folders
+        rifts, folders = [], []
+        for seed in seeds:
+            table = DECOMPOSITION if seed == 0 else {k: DECOMPOSITION[k] for k in DECOMPOSITION_SEEDED}
+            rift, *mine = jobs_for(root, width, train, seed, at_epochs=length, folders=table)
+            rifts += [rift] if length != AT_EPOCHS else []
+            folders += mine
+        jobs += rifts + folders
     return jobs
 
 
@@ -190,15 +200,16 @@ def configurations(big: bool, gpu: bool = False) -> list[tuple[int, int]]:
     return GRID + LARGER_DATA + (BIG if big else []) + (GPU if gpu else [])
 
 
-def phase1(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> tuple[list[Job], list[Job]]:
+def phase1(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = (),
+           seeds: tuple[int, ...] = (0,)) -> tuple[list[Job], list[Job]]:
     """The seed-0 grid: (core, extra). Core: the grid's RiFT runs (what :func:`headline` reads), the middle
     configuration first; extra: the other data sizes' runs (and the GPU rows), then the labelled variants (after the
-    headline's seeds), then the decomposition for the AT lengths ``decomposition`` (none by default)."""
+    headline's seeds), then the decomposition for the AT lengths ``decomposition`` (none by default) and ``seeds``."""
     order = sorted(GRID, key=lambda wn: wn != MIDDLE)
     rifts = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in order]
     others = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in configurations(big, gpu) if (w, n) not in GRID]
     variants = [j for w, n in configurations(big) for j in jobs_for(root, w, n, 0)[1:]]
-    return rifts, others + variants + decomposition_jobs(root, decomposition)
+    return rifts, others + variants + decomposition_jobs(root, decomposition, seeds)
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -370,10 +381,10 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None, gpu: bool = False,
-        decomposition: tuple[int, ...] = ()) -> int:
+        decomposition: tuple[int, ...] = (), seeds: tuple[int, ...] = (0,)) -> int:
     """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names (their inputs must be
     among them or already done), e.g. to continue the committed study on a machine whose runs were lost;
-    ``decomposition``: also the decomposition's jobs for these AT lengths (:func:`decomposition_jobs`)."""
+    ``decomposition``: also the decomposition's jobs for these AT lengths and ``seeds`` (:func:`decomposition_jobs`)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     ledger_path = root / "jobs.json"
@@ -383,7 +394,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
     failed: set[str] = set()
     adopted: dict[str, float] = {}  # jobs an earlier runner started that still run: name -> when they started
     while True:
-        core, extra = phase1(root, big, gpu, decomposition)
+        core, extra = phase1(root, big, gpu, decomposition, seeds)
         # once chosen the headline stays (variants that finish later cannot move it)
         pick = (ledger.get("_headline") or headline(root, big)) if phase in ("2", "all") else None
         if pick is not None and ledger.get("_headline") != pick:
@@ -448,10 +459,11 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
         time.sleep(5)
 
 
-def _all_jobs(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> list[Job]:
+def _all_jobs(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = (),
+              seeds: tuple[int, ...] = (0,)) -> list[Job]:
     """Every job the study can run: phase 1's and phase 2's for the middle configuration (the headline when none
     wins) or for the headline already chosen in the ledger."""
-    core, extra = phase1(root, big, gpu, decomposition)
+    core, extra = phase1(root, big, gpu, decomposition, seeds)
     ledger = _read(root / "jobs.json") or {}
     pick = ledger.get("_headline") or headline(root, big) or {"width": MIDDLE[0], "train": MIDDLE[1], "setting": "rift"}
     return core + extra + phase2(root, pick)
@@ -480,9 +492,9 @@ def _alive(pid_file: Path) -> bool:
     return Path(f"/proc/{pid}/cmdline").is_file() and b"riftlab" in Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
-def status(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = ()) -> None:
+def status(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, ...] = (), seeds: tuple[int, ...] = (0,)) -> None:
     ledger = _read(root / "jobs.json") or {}
-    core, extra = phase1(root, big, gpu, decomposition)
+    core, extra = phase1(root, big, gpu, decomposition, seeds)
     jobs = list(core)
     pick = ledger.get("_headline") or headline(root, big)
     if pick is not None:
@@ -603,7 +615,7 @@ def _sessions(carried: list[dict[str, Any]], here: list[dict[str, Any]]) -> list
 
 
 def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | None = None, gpu: bool = False,
-              decomposition: tuple[int, ...] = ()) -> None:
+              decomposition: tuple[int, ...] = (), seeds: tuple[int, ...] = (0,)) -> None:
     """``out/study.json`` from the runs under ``root``; with ``carry`` (a committed study.json), runs missing from
     ``root`` are taken from it, and runs present in both must reproduce it exactly (:func:`_carry`); with
     ``decomposition`` (AT lengths), the decomposition's rows (:func:`_decomposition_summary`), else the carried ones."""
@@ -830,6 +842,8 @@ def main() -> int:
     parser.add_argument("--at-epochs", default=None, metavar="E1,E2",
                         help=f"--decomposition: the AT lengths in epochs (default: {','.join(map(str, DECOMPOSITION_AT_EPOCHS))}); "
                              f"a run of another length than {AT_EPOCHS} is named like w8-n10k-e40-s0")
+    parser.add_argument("--decomposition-seeds", default="0", metavar="0,1,2",
+                        help=f"--decomposition: the seeds (default 0); seeds other than 0 run {', '.join(DECOMPOSITION_SEEDED)}")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and widths 4 and 8 on 1000 images: checks the script, not RiFT")
     args = parser.parse_args()
     if args.smoke:
@@ -844,6 +858,13 @@ def main() -> int:
     if not lengths or min(lengths) < 1 or len(set(lengths)) != len(lengths):
         raise SystemExit(f"--at-epochs: expected distinct epochs >= 1, got {args.at_epochs!r}")
     decomposition = lengths if args.decomposition else ()
+    try:
+        seeds = tuple(int(s) for s in args.decomposition_seeds.split(","))
+    except ValueError:
+        raise SystemExit(f"--decomposition-seeds: expected comma-separated seeds such as 0,1,2, got {args.decomposition_seeds!r}") from None
+    if seeds[0] != 0 or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--decomposition-seeds: expected distinct seeds >= 0 starting with 0 (seed 0 runs every setting), "
+                         f"got {args.decomposition_seeds!r}")
     if args.action == "run":
         ledger = _read(args.root / "jobs.json") or {}
         if ledger.get("_threads", args.threads) != args.threads:
@@ -858,14 +879,14 @@ def main() -> int:
         only = None
         if args.only is not None:
             only = {name.strip() for name in args.only.split(",") if name.strip()}
-            known = {j.name for j in _all_jobs(args.root, args.big, args.gpu, decomposition)}
+            known = {j.name for j in _all_jobs(args.root, args.big, args.gpu, decomposition, seeds)}
             if unknown := sorted(only - known):
                 raise SystemExit(f"--only: no job named {', '.join(unknown)}; the study's jobs are: {', '.join(sorted(known))}")
-        return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu, decomposition)
+        return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu, decomposition, seeds)
     if args.action == "status":
-        status(args.root, args.big, args.gpu, decomposition)
+        status(args.root, args.big, args.gpu, decomposition, seeds)
         return 0
-    summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu, decomposition)
+    summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu, decomposition, seeds)
     return 0
 
 

@@ -283,8 +283,14 @@ def test_the_decomposition_plans_one_labelled_job_per_setting_and_names_a_longer
     script = _script_module()
     assert script.run_name(8, 10000, 0, 40) == "w8-n10k-e40-s0" and script.run_name(8, 10000, 0, 10) == "w8-n10k-s0"
     jobs = {j.name: j for j in script.decomposition_jobs(tmp_path, (10, 40))}
-    settings = ["frozen-bn", "reference", "reference-paper", "bn-only"]
+    settings = ["reference", "bn-only", "reference-paper", "frozen-bn"]
     assert list(jobs) == [f"w8-n10k-s0:{s}" for s in settings] + ["w8-n10k-e40-s0"] + [f"w8-n10k-e40-s0:{s}" for s in settings]
+    # further seeds: their AT chains first, then only the authors' protocol and its BatchNorm control
+    seeded = [j.name for j in script.decomposition_jobs(tmp_path, (40,), (0, 1, 2))]
+    assert seeded == ["w8-n10k-e40-s0", "w8-n10k-e40-s1", "w8-n10k-e40-s2", *[f"w8-n10k-e40-s0:{s}" for s in settings],
+                      *[f"w8-n10k-e40-s{seed}:{s}" for seed in (1, 2) for s in ("reference", "bn-only")]]
+    at_study_length = [j.name for j in script.decomposition_jobs(tmp_path, (10,), (0, 1))]
+    assert at_study_length == [*[f"w8-n10k-s0:{s}" for s in settings], "w8-n10k-s1:reference", "w8-n10k-s1:bn-only"]
     longer = jobs["w8-n10k-e40-s0"].args
     assert longer[:2] == ["rift", "--profile"] and longer[longer.index("--at-epochs") + 1] == "40"  # the study's run is a grid job
     assert jobs["w8-n10k-e40-s0:reference"].deps == ["w8-n10k-e40-s0"] and "--at-epochs" not in jobs["w8-n10k-e40-s0:reference"].args
