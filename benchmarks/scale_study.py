@@ -405,9 +405,9 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
         seeds, last = [j for j in later if ":" not in j.name], [j for j in later if ":" in j.name]
         grid, others = (core, extra) if phase in ("1", "all") else ([], [])
         jobs = grid + seeds + others + last
+        done = {j.name for j in jobs if j.done_file.is_file()}  # before --only: a selected job's finished inputs count
         if only is not None:
             jobs = [j for j in jobs if j.name in only]
-        done = {j.name for j in jobs if j.done_file.is_file()}
         for name, (proc, job, started) in list(running.items()):
             if proc.poll() is None:
                 continue
