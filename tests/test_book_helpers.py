@@ -53,10 +53,11 @@ def artifacts(tmp_path, monkeypatch):
 
 
 def _forbid(monkeypatch, name):
-    """Make riftlab.book's ``name`` fail if called: a cached result must not recompute."""
+    """Make ``name``, as riftlab.book's cached steps (riftlab.book.chapters) call it, fail if called: a cached result must
+    not recompute."""
     def fail(*args, **kwargs):
         raise AssertionError(f"{name} was called although its result is cached")
-    monkeypatch.setattr(book, name, fail)
+    monkeypatch.setattr(book.chapters, name, fail)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ def test_trained_models(shared, monkeypatch):
 def test_epochwise_training_equals_one_run(shared):
     """The AT model trained one epoch at a time (to measure each epoch) is the one an uninterrupted run gives."""
     cfg, splits, device = shared["cfg"], shared["splits"], shared["device"]
-    riftlab.book.seed_everything(cfg.seed)
+    riftlab._util.seed_everything(cfg.seed)
     model = riftlab.engine.pipeline.build_for(cfg, splits)
     batches = book.loaders(cfg, splits, device)
     result = riftlab.adversarial_train(model, batches["train"], batches["val"], epochs=cfg.at_epochs, lr=cfg.at_lr,
