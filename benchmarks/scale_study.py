@@ -402,9 +402,9 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
             _write_json(ledger_path, ledger)
         later = phase2(root, pick) if pick is not None else []
         # the headline's seeds first, then the other data sizes and the variants, then Table 3 and AutoAttack
-        seeds, last = [j for j in later if ":" not in j.name], [j for j in later if ":" in j.name]
+        seed_runs, last = [j for j in later if ":" not in j.name], [j for j in later if ":" in j.name]
         grid, others = (core, extra) if phase in ("1", "all") else ([], [])
-        jobs = grid + seeds + others + last
+        jobs = grid + seed_runs + others + last
         done = {j.name for j in jobs if j.done_file.is_file()}  # before --only: a selected job's finished inputs count
         if only is not None:
             jobs = [j for j in jobs if j.name in only]
@@ -650,7 +650,7 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
                        **({"carried": source} if carry is not None else {})},
         "trend": runs, "headline": None}
     if decomposition:
-        summary["decomposition"] = _decomposition_summary(root, decomposition, ledger)
+        summary["decomposition"] = _decomposition_summary(root, decomposition, ledger, seeds)
     elif "decomposition" in before:
         summary["decomposition"] = before["decomposition"]
     if pick is not None:
@@ -693,36 +693,117 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
     print(f"wrote {out / 'study.json'}")
 
 
-def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per AT length (a finished run at the middle configuration): the AT model's test accuracies, RiFT as the study
-    runs it, and each :data:`DECOMPOSITION` folder's row: its validation-selected test change against AT (paired 95%
-    intervals) and, beside it, what the reference code's choice on test reports with its zero-effect null."""
+def _at_regime(run: Path) -> dict[str, Any]:
+    """How converged an AT model is, from its history: the last epoch's training robust accuracy (the training attack,
+    averaged over the epoch as it trained) against its validation robust accuracy (the evaluation attack, at the end),
+    and their gap, the sign of robust overfitting."""
     import csv
+
+    with open(run / "at_history.csv") as fh:
+        last = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)][-1]
+    return {"epochs": last["epoch"], "train_robust": last["train_robust_acc"], "val_clean": last["val_clean_acc"],
+            "val_robust": last["val_robust_acc"], "gap": round(last["train_robust_acc"] - last["val_robust_acc"], 2)}
+
+
+def _curve(curve_csv: Path) -> list[dict[str, Any]]:
+    """A validation interpolation curve (interpolation.csv) as rows; empty when there is none."""
+    import csv
+
+    if not curve_csv.is_file():
+        return []
+    with open(curve_csv) as fh:
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def _end_point(curve_csv: Path) -> dict[str, Any] | None:
+    """The fine-tuned model itself (alpha 1) on the validation curve: its clean and robust change against AT, with the
+    curve's paired intervals; None when the curve stops short of 1."""
+    end = [r for r in _curve(curve_csv) if r["alpha"] == 1.0]
+    if not end:
+        return None
+    return {k: {"diff": end[0][f"{k}_change"], "ci_low": end[0][f"{k}_change_low"], "ci_high": end[0][f"{k}_change_high"]}
+            for k in ("clean", "robust")}
+
+
+def _pooled_counts(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    """Seeds' test changes pooled over their images (each seed its own AT model and test attack): the paired interval
+    of all their gained and lost images together."""
+    from riftlab.evaluation.stats import difference_from_counts
+
+    return difference_from_counts(sum(int(r[kind]["gained"]) for r in rows), sum(int(r[kind]["lost"]) for r in rows),
+                                  sum(int(r[kind]["n"]) for r in rows))
+
+
+def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[str, Any],
+                           seeds: tuple[int, ...] = (0,)) -> list[dict[str, Any]]:
+    """Per AT length, the middle configuration's runs of every seed in ``seeds`` that finished: each AT model's test
+    accuracies and regime (:func:`_at_regime`), RiFT as the study runs it, and each :data:`DECOMPOSITION` folder's row:
+    its validation-selected test change against AT (paired 95% intervals), the fine-tuned end point (alpha 1,
+    validation), and what the reference code's choice on test reports with its zero-effect null. ``over_seeds``: for
+    each setting run on two or more seeds, its test change over them (the seeds' mean with a t interval, and their
+    images pooled)."""
+    import csv
+
+    from riftlab.evaluation.stats import over_seeds
 
     width, train = MIDDLE
     out = []
     for length in lengths:
-        name = run_name(width, train, 0, length)
-        run = root / name
-        results = _read(run / "results.json")
-        if results is None:
-            continue
-        settings = []
-        for folder in DECOMPOSITION:
-            if not (run / f"{folder}.csv").is_file():
+        runs = []
+        for seed in seeds:
+            name = run_name(width, train, seed, length)
+            run = root / name
+            results = _read(run / "results.json")
+            if results is None:
                 continue
-            with open(run / f"{folder}.csv") as fh:
-                rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-            for row in rows:
-                if row["variant"] == "at":
+            settings = []
+            for folder in DECOMPOSITION:
+                if not (run / f"{folder}.csv").is_file():
                     continue
-                chosen = _read(run / folder / row["variant"] / "test_selection.json")
-                settings.append({"setting": folder, "variant": row["variant"], "modules": row["modules"], "params": row["params"],
-                                 "alpha": row["alpha"], "validation_selected": _test_change(row), "test_selected": chosen,
-                                 "command": (ledger.get(f"{name}:{folder}") or {}).get("command")})
-        out.append({"name": name, "at_epochs": results["config"]["at_epochs"], "module": results["module"], "alpha": results["alpha"],
-                    "at": {k: results["test"]["at"][f"{k}_acc"] for k in ("clean", "robust")},
-                    "rift": {k: results["test"]["difference"][k] for k in ("clean", "robust")}, "settings": settings})
+                with open(run / f"{folder}.csv") as fh:
+                    rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+                for row in rows:
+                    if row["variant"] == "at":
+                        continue
+                    chosen = _read(run / folder / row["variant"] / "test_selection.json")
+                    settings.append({"setting": folder, "variant": row["variant"], "modules": row["modules"], "params": row["params"],
+                                     "alpha": row["alpha"], "validation_selected": _test_change(row),
+                                     "counts": {k: {"gained": row[f"test_{k}_gained"], "lost": row[f"test_{k}_lost"],
+                                                   "n": results["test"]["difference"][k]["n"]} for k in ("clean", "robust")},
+                                     "end_point": _end_point(run / folder / row["variant"] / "interpolation.csv"),
+                                     "curve": _curve(run / folder / row["variant"] / "interpolation.csv"),
+                                     "test_selected": chosen, "command": (ledger.get(f"{name}:{folder}") or {}).get("command"),
+                                     "wall_s": (ledger.get(f"{name}:{folder}") or {}).get("wall_s_total")})
+            runs.append({"name": name, "seed": seed, "at_epochs": results["config"]["at_epochs"], "regime": _at_regime(run),
+                         "module": results["module"], "alpha": results["alpha"],
+                         "at": {k: results["test"]["at"][f"{k}_acc"] for k in ("clean", "robust")},
+                         "rift": {k: results["test"]["difference"][k] for k in ("clean", "robust")},
+                         "end_point": _end_point(run / "interpolation.csv"), "settings": settings,
+                         "command": (ledger.get(name) or {}).get("command"), "wall_s": (ledger.get(name) or {}).get("wall_s_total")})
+        if not runs:
+            continue
+        pooled = []
+        for folder in DECOMPOSITION:
+            mine = [(r["seed"], s) for r in runs for s in r["settings"] if s["setting"] == folder]
+            if len(mine) < 2:
+                continue
+            rows = [s["counts"] for _, s in mine]
+            pooled.append({"setting": folder, "seeds": [seed for seed, _ in mine],
+                           **{k: {"over_seeds": over_seeds([s["validation_selected"][k]["diff"] for _, s in mine], [seed for seed, _ in mine]),
+                                  "pooled": _pooled_counts(rows, k)} for k in ("clean", "robust")},
+                           "test_selected_clean": over_seeds([s["test_selected"]["clean_gain"] for _, s in mine if s["test_selected"]],
+                                                             [seed for seed, s in mine if s["test_selected"]])
+                           if all(s["test_selected"] for _, s in mine) else None})
+        if len(runs) >= 2:
+            rows = [r["rift"] for r in runs]
+            pooled.insert(0, {"setting": "rift", "seeds": [r["seed"] for r in runs],
+                              **{k: {"over_seeds": over_seeds([r["rift"][k]["diff"] for r in runs], [r["seed"] for r in runs]),
+                                     "pooled": _pooled_counts(rows, k)} for k in ("clean", "robust")}})
+        first = runs[0]
+        # seed 0's fields at the top level, as before the seeds: one AT length, one block
+        out.append({"name": first["name"], "at_epochs": first["at_epochs"], "module": first["module"], "alpha": first["alpha"],
+                    "at": first["at"], "rift": first["rift"], "settings": first["settings"], "regime": first["regime"],
+                    "runs": runs, "over_seeds": pooled})
     return out
 
 

@@ -309,10 +309,12 @@ def test_the_decomposition_runs_at_tiny_sizes(tmp_path):
     from riftlab.checkpoint import read_checkpoint
 
     root, out = tmp_path / "runs", tmp_path / "results"
-    settings = ["frozen-bn", "reference", "reference-paper", "bn-only"]
+    settings = ["reference", "bn-only", "reference-paper", "frozen-bn"]
     names = ["w8-n1k-s0", "w8-n1k-e2-s0"]
-    only = ",".join([*names, *(f"{n}:{s}" for n in names for s in settings)])
-    for args in (["run", "--decomposition", "--jobs", "2", "--only", only], ["summarize", "--decomposition", "--out", str(out)]):
+    seeded = ["w8-n1k-e2-s1", "w8-n1k-e2-s1:reference", "w8-n1k-e2-s1:bn-only"]  # a further seed, at the longer AT only
+    only = ",".join([*names, *(f"{n}:{s}" for n in names for s in settings), *seeded])
+    for args in (["run", "--decomposition", "--jobs", "2", "--only", only, "--decomposition-seeds", "0,1"],
+                 ["summarize", "--decomposition", "--out", str(out), "--decomposition-seeds", "0,1"]):
         proc = subprocess.run([sys.executable, "benchmarks/scale_study.py", *args, "--smoke", "--root", str(root)], cwd=REPO,
                               capture_output=True, text=True, timeout=1500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -332,8 +334,50 @@ def test_the_decomposition_runs_at_tiny_sizes(tmp_path):
         assert len(json.loads((run / "results.json").read_text())["config"]["alphas"]) == 3  # the smoke's own grid ...
         with open(run / "reference" / "least" / "interpolation.csv") as fh:
             assert len(fh.read().splitlines()) == 1 + 11  # ... but the reference protocol's validation curve is on the 0.1 grid
+        assert block["regime"]["epochs"] == block["at_epochs"]
+        assert block["regime"]["gap"] == round(block["regime"]["train_robust"] - block["regime"]["val_robust"], 2)
+        for row in rows.values():  # the fine-tuned end point is the validation curve's alpha-1 point
+            assert row["end_point"]["clean"]["diff"] == row["curve"][-1]["clean_change"] and row["curve"][-1]["alpha"] == 1.0
         at = read_checkpoint(run / "at.pt")["model_state"]
         alone = read_checkpoint(run / "bn-only" / "finetune" / "least" / "ft.pt")["model_state"]
         statistics = [k for k in at if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
         assert all(torch.equal(alone[k], at[k]) for k in at if k not in statistics)  # every weight bit-identical to AT's
         assert any(not torch.equal(alone[k], at[k]) for k in statistics)  # and the statistics moved
+    # the further seed: at the longer AT only, the authors' protocol and BatchNorm alone, each over both seeds
+    assert [r["seed"] for r in blocks[0]["runs"]] == [0] and not blocks[0]["over_seeds"]
+    longer = blocks[1]
+    assert [r["seed"] for r in longer["runs"]] == [0, 1]
+    assert [s["setting"] for s in longer["runs"][1]["settings"]] == ["reference", "bn-only"]
+    pooled = {p["setting"]: p for p in longer["over_seeds"]}
+    assert list(pooled) == ["rift", "reference", "bn-only"]
+    for setting, p in pooled.items():
+        if setting == "rift":
+            values = [r["rift"]["clean"]["diff"] for r in longer["runs"]]
+        else:
+            values = [s["validation_selected"]["clean"]["diff"] for r in longer["runs"] for s in r["settings"] if s["setting"] == setting]
+        assert p["seeds"] == [0, 1] and p["clean"]["over_seeds"]["values"] == values
+        assert p["clean"]["pooled"]["n"] == 2 * 200  # both seeds' test images
+
+
+def test_the_decomposition_is_what_its_committed_run_files_give(study):
+    """The decomposition block the book reads is rebuilt from the committed run files (each run's results, AT history,
+    curves, ablation rows and test-selection reports, and the runner's ledger): the same summary, number for number;
+    and each setting's test change is what its gained and lost images give."""
+    from riftlab.evaluation.stats import difference_from_counts
+
+    blocks = study.get("decomposition")
+    assert blocks, "study.json has no decomposition: benchmarks/scale_study.py summarize --decomposition"
+    root = REPO / "results" / "scale_study" / "decomposition_runs"
+    script = _script_module()
+    lengths = tuple(b["at_epochs"] for b in blocks)
+    seeds = tuple(sorted({r["seed"] for b in blocks for r in b["runs"]}))
+    again = script._decomposition_summary(root, lengths, json.loads((root / "jobs.json").read_text()), seeds)
+    assert json.loads(json.dumps(again)) == blocks
+    for block in blocks:
+        for run in block["runs"]:
+            for s in run["settings"]:
+                for kind in ("clean", "robust"):
+                    c, d = s["counts"][kind], s["validation_selected"][kind]
+                    redone = difference_from_counts(c["gained"], c["lost"], c["n"])
+                    assert (redone["ci_low"], redone["ci_high"]) == pytest.approx((d["ci_low"], d["ci_high"]), abs=1e-6)
+                    assert 100 * (c["gained"] - c["lost"]) / c["n"] == pytest.approx(d["diff"], abs=1e-6)
