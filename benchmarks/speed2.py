@@ -13,8 +13,9 @@ measured; ``--resume`` skips the parts the file already holds), each skipped whe
   it, so the eager and graph epochs start from the same weights, data order and random starts and end with models
   that are compared on the test images);
 * ``at512``: the same at batch 512 with the learning rate scaled to 0.4 (the throughput profile): baseline and graphs;
-* ``eval``: PGD-10 evaluation of the test images: eager and graphs (first call, which captures, and second), at the
-  evaluation batch and at a batch sized from free GPU memory;
+* ``eval``: PGD-10 evaluation of the test images: eager and graphs (first call, which captures, and second), each
+  with and without BatchNorm folded into the convolutions (``--fold-bn``) at the evaluation batch, and with graphs
+  at the batch riftlab sizes from free GPU memory (``--auto-eval-batch-size``), folded and not; images/s of each;
 * ``mrc``: MRC's adversarial set and the ascent of every module on ``--mrc-examples``: eager and graphs;
 * ``rift``: RiFT from the AT model: MRC, fine-tuning, the interpolation curve and the choice of alpha: eager and graphs;
 * ``profile``: ``torch.profiler``'s top operations over a graph-path stretch of the AT epoch;
@@ -45,9 +46,10 @@ import speed  # noqa: E402  (the baseline and the clock, shared with speed.py)
 
 import riftlab  # noqa: E402
 from riftlab._util import seed_everything  # noqa: E402
-from riftlab.compute import PRECISIONS, precision_name, resolve_device, set_precision, to_device  # noqa: E402
+from riftlab.compute import PRECISIONS, fold_batchnorm, precision_name, resolve_device, set_precision, to_device  # noqa: E402
 from riftlab.data import Batches, load_dataset  # noqa: E402
 from riftlab.evaluation import evaluate  # noqa: E402
+from riftlab.evaluation.robust import eval_batch_size_for  # noqa: E402
 from riftlab.graphs import use_cuda_graphs  # noqa: E402
 from riftlab.models import build_model  # noqa: E402
 from riftlab.steps._graph import GraphedPGDTraining  # noqa: E402
@@ -59,7 +61,7 @@ from riftlab.steps.training import adversarial_train  # noqa: E402
 EPS, STEP = speed.EPS, speed.STEP
 PARTS = ("at128", "at512", "eval", "mrc", "rift", "profile", "recipe")
 # Seconds each part usually takes at full size on an H200 (a part starts only if this much of the budget is left).
-USUAL_S = {"at128": 100, "at512": 50, "eval": 15, "mrc": 40, "rift": 80, "profile": 10, "recipe": 110}
+USUAL_S = {"at128": 100, "at512": 50, "eval": 25, "mrc": 40, "rift": 80, "profile": 10, "recipe": 110}
 FULL = {"train": 50000, "test": 10000, "mrc_examples": 10000, "mrc_passes": 10, "ft_epochs": 10}
 # The graph path's targets on an H100 / H200 at full sizes: (part, figure, at most, at least).
 TARGETS = [("at128", "graph_epoch_s", 10.0, None), ("at128", "speedup_vs_baseline", None, 4.0), ("at512", "graph_epoch_s", 6.0, None),
@@ -300,47 +302,49 @@ def part_at(b: Bench, batch: int, lr: float, eager: bool) -> dict[str, Any]:
 
 
 def part_eval(b: Bench) -> dict[str, Any]:
+    """PGD evaluation of the test images, each way three times under graphs (the first call captures the bucket shapes'
+    graphs at their second call, the third replays them all): unfolded and folded (``fold_bn``) side by side at one
+    batch, then at the memory-sized batch; the accuracies of each against eager unfolded (the reference)."""
     model = b.at_model()
+    images = len(b.splits.test)
     test = Batches(b.splits.test, b.args.eval_batch, device=b.device)
-    evaluate(model, Batches(b.splits.test.subset(min(b.args.eval_batch, len(b.splits.test))), b.args.eval_batch, device=b.device),
-             EPS, STEP, b.args.steps)  # cudnn's tuning for the eager path
-    out: dict[str, Any] = {"batch": b.args.eval_batch, "images": len(b.splits.test)}
-    eager, out["eager_s"], _ = b.timed(lambda: evaluate(model, test, EPS, STEP, b.args.steps, seed=b.args.seed))
-    with use_cuda_graphs():  # a bucket shape is captured at its second call: the third evaluation replays them all
-        first, out["graph_first_s"], _ = b.timed(lambda: evaluate(model, test, EPS, STEP, b.args.steps, seed=b.args.seed))
-        _, out["graph_second_s"], _ = b.timed(lambda: evaluate(model, test, EPS, STEP, b.args.steps, seed=b.args.seed))
-        graph, out["graph_s"], out["graph_peak_gib"] = b.timed(lambda: evaluate(model, test, EPS, STEP, b.args.steps, seed=b.args.seed))
-        big = memory_sized_batch(b, model)
+
+    def run(batches: Batches, fold: bool) -> dict[str, Any]:
+        return evaluate(model, batches, EPS, STEP, b.args.steps, seed=b.args.seed, fold_bn=fold)
+
+    warm = Batches(b.splits.test.subset(min(b.args.eval_batch, images)), b.args.eval_batch, device=b.device)
+    for fold in (False, True):  # cudnn's tuning for the eager path (the folded convolutions have a bias: their own kernels)
+        run(warm, fold)
+    out: dict[str, Any] = {"batch": b.args.eval_batch, "images": images, "folded_batchnorms": fold_batchnorm(model).folded_batchnorms}
+    result: dict[str, dict[str, Any]] = {}
+    result["eager"], out["eager_s"], _ = b.timed(lambda: run(test, False))
+    result["eager_fold"], out["eager_fold_s"], _ = b.timed(lambda: run(test, True))
+    with use_cuda_graphs():
+        for tag, fold in (("graph", False), ("graph_fold", True)):
+            result[f"{tag}_first"], out[f"{tag}_first_s"], _ = b.timed(lambda: run(test, fold))
+            _, out[f"{tag}_second_s"], _ = b.timed(lambda: run(test, fold))
+            result[tag], out[f"{tag}_s"], out[f"{tag}_peak_gib"] = b.timed(lambda: run(test, fold))
+        b.save_partial(out)
+        big = eval_batch_size_for(model, (b.info.channels, b.info.image_size, b.info.image_size), b.device, default=b.args.eval_batch)
         out["memory_sized_batch"] = big
         if big != b.args.eval_batch:
             big_test = Batches(b.splits.test, big, device=b.device)
-            _, out["graph_big_first_s"], _ = b.timed(lambda: evaluate(model, big_test, EPS, STEP, b.args.steps, seed=b.args.seed))
-            evaluate(model, big_test, EPS, STEP, b.args.steps, seed=b.args.seed)
-            big_result, out["graph_big_s"], out["graph_big_peak_gib"] = b.timed(lambda: evaluate(model, big_test, EPS, STEP, b.args.steps,
-                                                                                                   seed=b.args.seed))
-            out["graph_big_minus_eager"] = {k: big_result[k] - eager[k] for k in ("clean_acc", "robust_acc")}
+            for tag, fold in (("graph_big", False), ("graph_big_fold", True)):
+                _, out[f"{tag}_first_s"], _ = b.timed(lambda: run(big_test, fold))
+                run(big_test, fold)
+                result[tag], out[f"{tag}_s"], out[f"{tag}_peak_gib"] = b.timed(lambda: run(big_test, fold))
+    eager = result["eager"]
+    for tag in result:
+        if tag != "eager":
+            out[f"{tag}_minus_eager"] = {k: result[tag][k] - eager[k] for k in ("clean_acc", "robust_acc")}
     out["eager"] = {k: eager[k] for k in ("clean_acc", "robust_acc")}
-    out["graph_minus_eager"] = {k: graph[k] - eager[k] for k in ("clean_acc", "robust_acc")}
-    out["graph_first_minus_eager"] = {k: first[k] - eager[k] for k in ("clean_acc", "robust_acc")}
+    out["images_per_s"] = {tag: images / out[f"{tag}_s"] for tag in ("eager", "eager_fold", "graph", "graph_fold", "graph_big", "graph_big_fold")
+                           if f"{tag}_s" in out}
     out["speedup_vs_eager"] = out["eager_s"] / out["graph_s"]
+    out["fold_speedup"] = {"eager": out["eager_s"] / out["eager_fold_s"], "graph": out["graph_s"] / out["graph_fold_s"]}
+    if "graph_big_s" in out:
+        out["memory_sized_speedup_vs_graph"] = out["graph_s"] / out["graph_big_s"]
     return out
-
-
-def memory_sized_batch(b: Bench, model: nn.Module) -> int:
-    """The largest multiple of the evaluation batch (at most the test set) whose attack fits in half the free GPU memory,
-    from the peak memory of one attack at the evaluation batch; the evaluation batch itself off CUDA."""
-    if b.device.type != "cuda":
-        return b.args.eval_batch
-    x = b.splits.test.float()[: b.args.eval_batch].to(b.device)
-    y = b.splits.test.labels[: b.args.eval_batch].to(b.device)
-    torch.cuda.synchronize(b.device)
-    torch.cuda.reset_peak_memory_stats(b.device)
-    before = torch.cuda.memory_allocated(b.device)
-    riftlab.pgd(model, x, y, EPS, STEP, 2)
-    per_batch = max(torch.cuda.max_memory_allocated(b.device) - before, 1)
-    free, _ = torch.cuda.mem_get_info(b.device)
-    fits = int(0.5 * free // per_batch)
-    return max(1, min(fits, -(-len(b.splits.test) // b.args.eval_batch))) * b.args.eval_batch
 
 
 def part_mrc(b: Bench) -> dict[str, Any]:

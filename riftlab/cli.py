@@ -128,6 +128,12 @@ def _attack_options(p: argparse.ArgumentParser, restarts_help: str = "random res
     g.add_argument("--batch-size", type=int, help="training batch size (default 128)")
     g.add_argument("--eval-batch-size", type=int, metavar="N",
                    help="images per batch of every attack and evaluation (default 512; halve it on out-of-memory)")
+    g.add_argument("--auto-eval-batch-size", action="store_true", default=None,
+                   help="on CUDA, size the evaluation batches from free GPU memory instead (a power of two from 64 to 4096 whose "
+                        "attack fits half of it, measured once; the run records the size); elsewhere --eval-batch-size stays")
+    g.add_argument("--fold-bn", action="store_true", default=None,
+                   help="evaluate on a copy with each BatchNorm folded into the convolution before it: the same network up to "
+                        "floating-point rounding, fewer kernels per attack step (off by default: the unfolded model is the reference)")
 
 
 def _at_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -229,7 +235,9 @@ def config_from_args(args: argparse.Namespace, meta: dict[str, Any] | None = Non
         if key not in fields:
             raise KeyError(f"internal: option {key} has no configuration field")
         values[key] = value
-    return RiftConfig(**values).resolved()
+    from .engine.pipeline import resolve_eval_batch_size
+
+    return resolve_eval_batch_size(RiftConfig(**values).resolved())
 
 
 def _variants(text: str) -> list[str]:
@@ -460,7 +468,7 @@ def _model_source(args: argparse.Namespace, cfg) -> tuple[str, str, Callable[[An
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .engine.config import attack_seed, data_params, precision_params
-    from .engine.pipeline import prepare
+    from .engine.pipeline import fold_params, prepare
     from .engine.runner import RunDir, Stage, write_json
 
     if not args.checkpoint and not args.robustbench:
@@ -491,7 +499,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     common = {"model": digest, "split": args.split, **data_params(cfg), **precision_params(cfg, _device_type(cfg))}
     params = {**common, "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "eval_restarts": cfg.eval_restarts,
               "seed": attack_seed(cfg, args.split), "eval_batch_size": cfg.eval_batch_size, "autoattack": args.autoattack,
-              "sanity": args.sanity, "sanity_examples": args.sanity_examples if args.sanity else None}
+              "sanity": args.sanity, "sanity_examples": args.sanity_examples if args.sanity else None, **fold_params(cfg)}
     evaluation = Stage(f"evaluate/{name}-{args.split}", params, lambda ctx: _evaluate(ctx, args, cfg, *data()))
     ood_stage = Stage(f"ood/{name}-{args.split}", {**common, "corruptions": args.ood_corruptions, "severities": args.ood_severities,
                                                    "source": str(args.ood_dir) if args.ood_dir else "on-the-fly", "seed": cfg.seed,
@@ -588,7 +596,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """A and B on the same images and random starts (the pipeline's seed for the split)."""
     from .data import ImageSet
     from .engine.config import attack_seed, data_params, precision_params
-    from .engine.pipeline import compare_split, eval_batches, prepare, without_masks
+    from .engine.pipeline import compare_split, eval_batches, fold_params, prepare, without_masks
     from .engine.runner import RunDir, Stage, file_digest
     from .evaluation.stats import format_difference, paired_difference
 
@@ -600,7 +608,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     name = f"compare-{a_path.stem}-{b_path.stem}-{args.split}.json"
     params = {"a": file_digest(a_path), "b": file_digest(b_path), "split": args.split, **data_params(cfg),
               **precision_params(cfg, _device_type(cfg)), "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps,
-              "eval_restarts": cfg.eval_restarts, "seed": seed, "eval_batch_size": cfg.eval_batch_size, "autoattack": args.autoattack}
+              "eval_restarts": cfg.eval_restarts, "seed": seed, "eval_batch_size": cfg.eval_batch_size, "autoattack": args.autoattack,
+              **fold_params(cfg)}
 
     def compute(ctx) -> dict[str, Any]:
         splits, device = prepare(cfg)

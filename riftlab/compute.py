@@ -22,13 +22,15 @@ runs inside :func:`autocast`.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import ContextManager, Iterator
 
 import torch
 import torch.nn as nn
 
 __all__ = ["resolve_device", "PRECISIONS", "check_precision", "set_precision", "get_precision", "use_precision", "native_bf16",
-           "autocast_dtype", "precision_name", "autocast", "loss_scale", "grad_scaler", "to_device", "compiled", "input_gradients_only"]
+           "autocast_dtype", "precision_name", "autocast", "loss_scale", "grad_scaler", "to_device", "compiled", "input_gradients_only",
+           "fold_batchnorm"]
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -212,3 +214,79 @@ def input_gradients_only(model: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def fold_batchnorm(model: nn.Module, out: nn.Module | None = None) -> nn.Module:
+    """An eval-only copy of ``model`` with every BatchNorm that follows a convolution folded into that convolution.
+
+    In eval mode a BatchNorm2d is the per-channel affine map ``y = (x - mean) / sqrt(var + eps) * gamma + beta``; after
+    a convolution it is the same convolution with its weight scaled by ``s = gamma / sqrt(var + eps)`` (per output
+    channel) and a bias ``beta + (b - mean) * s``. The copy carries those weights (worked out in float64, stored in the
+    weight's dtype and layout) and an ``nn.Identity`` where each folded BatchNorm was: one kernel and one pass over the
+    activations fewer per pair, in every forward and backward of an attack. The pairs are
+    :func:`riftlab.models.conv_bn_pairs`'s, listed per block type (ResNet-18: 20; a pre-activation ResNet-18: 8, the
+    BatchNorms in front of a convolution stay); other modules are copied as they are. ``out.folded_batchnorms`` says
+    how many were folded.
+
+    The copy computes ``model``'s eval-mode function up to floating-point rounding (not bit for bit, hence an opt-in:
+    ``fold_bn``, ``--fold-bn``), for evaluation only: its weights do not require gradients (input gradients still
+    flow), and a forward pass in train mode is refused (the folded statistics would not be re-estimated). ``model``
+    is not modified; a compiled model is folded from its eager module, into an eager copy.
+
+    Args:
+        model: the model to fold (any mode; the copy is in eval mode).
+        out: an earlier result of ``fold_batchnorm`` for a model of the same architecture, refreshed in place with
+            ``model``'s current weights and returned (its tensors keep their storage, so CUDA graphs recorded on it
+            stay valid); None makes a new copy.
+    """
+    source = model.module if is_compiled(model) else model
+    from .models import conv_bn_pairs
+
+    pairs = conv_bn_pairs(source)
+    if out is None:
+        out = copy.deepcopy(source)
+        for conv_name, bn_name in pairs:
+            conv, bn = out.get_submodule(conv_name), out.get_submodule(bn_name)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or not bn.track_running_stats:
+                raise ValueError(f"internal: {conv_name} -> {bn_name} is listed as a conv -> BatchNorm pair, but they are "
+                                 f"{type(conv).__name__} and {type(bn).__name__} (with running statistics)")
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype, device=conv.weight.device))
+            parent, _, last = bn_name.rpartition(".")
+            setattr(out.get_submodule(parent) if parent else out, last, nn.Identity())
+        out.requires_grad_(False)
+        out.eval()
+        out.register_forward_pre_hook(_refuse_train_mode)
+        out.folded_batchnorms = len(pairs)
+    elif getattr(out, "folded_batchnorms", None) != len(pairs):
+        raise ValueError("out must be fold_batchnorm's copy of a model of the same architecture as model; "
+                         "pass out=None to make a new copy")
+    folded = {conv for conv, _ in pairs}
+    tensors = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    with torch.no_grad():
+        for name, tensor in [*out.named_parameters(), *out.named_buffers()]:
+            if name.rpartition(".")[0] not in folded:
+                tensor.copy_(tensors[name])
+        for conv_name, bn_name in pairs:
+            conv, bn, target = source.get_submodule(conv_name), source.get_submodule(bn_name), out.get_submodule(conv_name)
+            weight, bias = _folded_conv(conv, bn)
+            target.weight.copy_(weight)  # copy_ keeps the copy's dtype, device and layout (channels_last on CUDA)
+            target.bias.copy_(bias)
+    return out
+
+
+def _folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of ``bn(conv(x))`` in eval mode as one convolution, in float64 on the CPU (the rounding of
+    the fold itself stays far below fp32's; the CPU because not every device has float64)."""
+    as64 = lambda t: t.detach().to("cpu", torch.float64)  # noqa: E731
+    gamma = as64(bn.weight) if bn.weight is not None else torch.ones(bn.num_features, dtype=torch.float64)
+    beta = as64(bn.bias) if bn.bias is not None else torch.zeros(bn.num_features, dtype=torch.float64)
+    scale = gamma / torch.sqrt(as64(bn.running_var) + bn.eps)
+    bias = as64(conv.bias) if conv.bias is not None else torch.zeros(conv.out_channels, dtype=torch.float64)
+    return as64(conv.weight) * scale.view(-1, 1, 1, 1), beta + (bias - as64(bn.running_mean)) * scale
+
+
+def _refuse_train_mode(module: nn.Module, args: tuple) -> None:
+    if module.training:
+        raise RuntimeError("a BatchNorm-folded model (riftlab.compute.fold_batchnorm) computes in eval mode only: call .eval() on it, "
+                           "or train the original model")

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["build_model", "list_models", "register_model", "Normalize", "weight_modules"]
+__all__ = ["build_model", "list_models", "register_model", "Normalize", "weight_modules", "conv_bn_pairs"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -80,6 +80,18 @@ def weight_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs whose weights RiFT ranks: every Conv2d and Linear, in registration
     order (forward order for the plain ResNets; a pre-activation shortcut is listed after its block's convs)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, bn)`` module names of ``model`` where the BatchNorm2d takes that Conv2d's output and nothing else reads
+    it: the pairs :func:`riftlab.compute.fold_batchnorm` may fold. Listed per block type (:data:`_CONV_BN`, each entry
+    beside the line of ``forward`` that makes it a pair), in ``named_modules`` order; a module of another type
+    (a RobustBench architecture, a test's own net) contributes none."""
+    pairs = []
+    for prefix, module in model.named_modules():
+        for conv, bn in _CONV_BN.get(type(module), lambda m: [])(module):
+            pairs.append((f"{prefix}.{conv}" if prefix else conv, f"{prefix}.{bn}" if prefix else bn))
+    return pairs
 
 
 class Normalize(nn.Module):
@@ -254,3 +266,22 @@ def preact_resnet18(num_classes: int = 10, in_channels: int = 3, image_size: int
 @register_model("wrn34_10")
 def wrn34_10(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int | None = None) -> nn.Module:
     return _WideResNet(34, width or 10, num_classes, in_channels, image_size)
+
+
+# Which BatchNorm takes which convolution's output alone, per block type (conv_bn_pairs). Each pair is read off the
+# block's forward; a BatchNorm in front of a convolution (pre-activation: BN, ReLU, conv) is not a pair, since the ReLU
+# between them does not commute with the affine map.
+_CONV_BN: dict[type, Callable[[nn.Module], list[tuple[str, str]]]] = {
+    # _ResNet.forward: relu(bn1(conv1(normalize(x)))), without bn1 in the pre-activation net
+    _ResNet: lambda m: [] if m.preact else [("conv1", "bn1")],
+    # _BasicBlock.forward: bn1(conv1(x)), bn2(conv2(.)) and the projection shortcut Sequential(conv, bn)
+    _BasicBlock: lambda m: [("conv1", "bn1"), ("conv2", "bn2")] + ([("shortcut.0", "shortcut.1")] if len(m.shortcut) else []),
+    # _PreActBlock.forward: bn1 precedes conv1 (not a pair); conv1's output goes to bn2 alone
+    _PreActBlock: lambda m: [("conv1", "bn2")],
+    # _WideBlock.forward: bn1 precedes conv1 and convShortcut (not a pair); bn2(conv1(.))
+    _WideBlock: lambda m: [("conv1", "bn2")],
+    # _WideResNet.forward: the stem's output goes to block1's first block alone, which reads it only through its bn1
+    # (the first block of a stage has a projection shortcut, fed from relu(bn1(x))). In the pre-activation ResNet the
+    # stem's output also reaches an identity shortcut: no pair there.
+    _WideResNet: lambda m: [("conv1", "block1.layer.0.bn1")],
+}

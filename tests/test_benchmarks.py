@@ -72,7 +72,13 @@ def test_speed2_smoke_on_the_cpu_runs_every_part_and_resumes(tmp_path):
     at = parts["at128"]
     assert at["baseline_epoch_s"] > 0 and at["eager_epoch_s"] > 0 and at["graph_epoch_s"] > 0 and at["replays"] == 0  # no CUDA: eager
     assert at["graph_train_loss"] == at["eager_train_loss"] and at["graph_minus_eager"] == {"clean_acc": 0.0, "robust_acc": 0.0}
-    assert parts["eval"]["graph_minus_eager"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    ev = parts["eval"]
+    assert ev["graph_minus_eager"] == {"clean_acc": 0.0, "robust_acc": 0.0}
+    # --fold-bn beside it at the same batch: 20 BatchNorms folded, each accuracy within one image of 128 of eager's;
+    # the memory-sized batch is the evaluation batch off CUDA
+    assert ev["folded_batchnorms"] == 20 and ev["memory_sized_batch"] == ev["batch"] and "graph_big_s" not in ev
+    assert all(abs(ev[f"{tag}_minus_eager"][k]) <= 100 / 128 for tag in ("eager_fold", "graph_fold") for k in ("clean_acc", "robust_acc"))
+    assert set(ev["images_per_s"]) == {"eager", "eager_fold", "graph", "graph_fold"} and all(v > 0 for v in ev["images_per_s"].values())
     assert parts["mrc"]["max_abs_mrc_difference"] == 0.0 and parts["mrc"]["modules"] == 21
     assert parts["rift"]["graph_choice"] == parts["rift"]["eager_choice"]
     assert parts["profile"]["table"] and all(t["met"] is None for t in report["targets"])  # targets: full size on an H100/H200 only

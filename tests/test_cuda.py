@@ -197,3 +197,50 @@ def test_graphed_mrc_ranks_like_eager(cuda_setup):
     merged = eager.merge(graphed, on="module", suffixes=("_eager", "_graph"))
     assert merged["mrc_eager"].rank().corr(merged["mrc_graph"].rank()) > 0.95
     assert (merged["mrc_eager"] - merged["mrc_graph"]).abs().max() <= 0.05 * merged["mrc_eager"].abs().max() + 1e-3
+
+
+def test_folded_evaluation_agrees_with_the_unfolded_model(cuda_setup):
+    """evaluate(..., fold_bn=True) on CUDA: in fp32 the outcome of at most a few images in 2000 moves (rounding only);
+    in bf16, whose rounding the fold changes (the folded weights are rounded to bf16, not the convolution's output
+    before an fp32 BatchNorm), within the tolerance the graphed path has; with CUDA graphs on, the folded copy is
+    replayed, and its graphs are reused by the next evaluation of the same model (the copy is refreshed in place)."""
+    from riftlab.evaluation.robust import _FOLDED, survives_attack
+    from riftlab.graphs import graphed_for, use_cuda_graphs
+
+    splits, model = cuda_setup
+    test = Batches(splits.test, 500, device="cuda")
+    with use_precision("fp32"):
+        ref = evaluate(model, test, 8 / 255, 2 / 255, steps=5, seed=0, per_image=True)
+        folded = evaluate(model, test, 8 / 255, 2 / 255, steps=5, seed=0, per_image=True, fold_bn=True)
+    assert int((ref["clean_correct"] != folded["clean_correct"]).sum()) <= 2
+    assert int((ref["robust_correct"] != folded["robust_correct"]).sum()) <= 4
+    eager = evaluate(model, test, 8 / 255, 2 / 255, steps=5, seed=0)
+    with use_cuda_graphs():
+        first = evaluate(model, test, 8 / 255, 2 / 255, steps=5, seed=0, fold_bn=True)
+        second = evaluate(model, test, 8 / 255, 2 / 255, steps=5, seed=0, fold_bn=True)
+        graphs = graphed_for(_FOLDED[model], survives_attack, (8 / 255, 2 / 255, 5))
+    assert graphs.replays > 0
+    for result in (first, second):
+        assert abs(result["clean_acc"] - eager["clean_acc"]) <= 0.5 and abs(result["robust_acc"] - eager["robust_acc"]) <= 1.0
+
+
+def test_the_memory_sized_evaluation_batch_fits_and_runs():
+    """eval_batch_size_for on a GPU of 40 GiB or more, ResNet-18 (width 64) at 32x32: at least 512 images (the H200
+    peaked at 1.2 GiB at batch 512), a power of two; one evaluation at that size runs, within the memory it was given."""
+    from riftlab.evaluation.robust import eval_batch_size_for
+
+    free, total = torch.cuda.mem_get_info()
+    if total < 40 * 2**30:
+        pytest.skip(f"needs a GPU of 40 GiB or more, this one has {total / 2**30:.0f} GiB")
+    splits = load_dataset("synthetic-cifar10", synthetic_sizes=(5000, 100), val_size=100)
+    torch.manual_seed(0)
+    model = to_device(build_model("resnet18", 10, 3, 32, 64, splits.info.mean, splits.info.std), "cuda").eval()
+    size = eval_batch_size_for(model, (3, 32, 32), "cuda")
+    assert 512 <= size <= 4096 and size & (size - 1) == 0, size
+    images = splits.train.subset(min(size, len(splits.train)), seed=0)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    result = evaluate(model, Batches(images, size, device="cuda"), 8 / 255, 2 / 255, steps=2, seed=0)
+    peak = torch.cuda.max_memory_allocated() - before
+    assert result["n"] == len(images) and peak <= 0.5 * free, (size, peak / 2**30, free / 2**30)

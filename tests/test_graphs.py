@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from riftlab import Batches, MemoryState, adversarial_train
+from riftlab.compute import fold_batchnorm
 from riftlab.evaluation.robust import survives_attack
 from riftlab.graphs import ShapeGraphs, cuda_graphs_enabled, graphed_for, set_cuda_graphs, use_cuda_graphs
 from riftlab.steps._graph import FIRST_BAD, STEPS, GraphedPGDTraining, pgd_at_step, sgd_settings, sgd_update
@@ -77,6 +78,16 @@ def test_the_capture_safe_functions_read_nothing_back_to_the_host(tiny_splits):
     with HostReads() as reads:
         _ascent_pass(lambda i, x_: model(x_), model, [(x, y), (x, y)], weight, original, 0.1 * original.norm(), 0.5, 1.0, x.device)
     assert reads.seen == [] and not torch.equal(weight, original)
+
+
+def test_the_folded_models_attack_reads_nothing_back_to_the_host(tiny_splits):
+    """evaluate(..., fold_bn=True) attacks fold_batchnorm's copy through the same capture-safe survives_attack: its
+    train-mode guard is a Python check of a flag, not of a tensor's value."""
+    folded = fold_batchnorm(make_model(tiny_splits, width=4, seed=1).eval())
+    x, y = _batch(tiny_splits)
+    with HostReads() as reads:
+        survives_attack(folded, x, y, x.clone(), 8 / 255, 2 / 255, 2)
+    assert reads.seen == [] and folded.folded_batchnorms == 20
 
 
 def test_sgd_update_is_torchs_sgd_bit_for_bit():

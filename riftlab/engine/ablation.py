@@ -44,7 +44,8 @@ from ..evaluation.stats import paired_difference
 from ..models import weight_modules
 from ..steps.interpolation import interpolate
 from .config import RiftConfig, attack_seed, precision_params
-from .pipeline import choose_alpha, evaluate_split, finetune, ft_milestones, ft_params, reference_test_selection, without_masks
+from .pipeline import (choose_alpha, evaluate_split, finetune, fold_params, ft_milestones, ft_params, reference_test_selection,
+                       without_masks)
 from .runner import RunDir, Stage, StageContext, fingerprint, state_digest
 
 __all__ = ["VARIANTS", "PAPER_VARIANTS", "ablate", "ablation_table", "check_variants", "variant_modules"]
@@ -194,7 +195,7 @@ class _Ablation:
                        "val_n": val.num_examples, "test_n": test.num_examples, **precision_params(cfg, device)}
         self.evaluation = {"eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "val_restarts": cfg.val_restarts,
                            "eval_restarts": cfg.eval_restarts, "eval_batch_size": val.batch_size, "val_seed": attack_seed(cfg, "val"),
-                           "test_seed": attack_seed(cfg, "test")}
+                           "test_seed": attack_seed(cfg, "test"), **fold_params(cfg)}
 
     def reference(self, split: str) -> dict[str, torch.Tensor]:
         """The AT model's per-image results on ``split`` (the curves' alpha 0 on validation; the reported test attack)."""

@@ -83,6 +83,12 @@ class RiftConfig:
     precision: str = "auto"
     compile: bool = False
     cuda_graphs: bool = False  # training steps, attacks and MRC passes as CUDA graph replays (riftlab.graphs); eager is the reference
+    # evaluation's attacks on a copy with each BatchNorm folded into the convolution before it (riftlab.compute.fold_batchnorm):
+    # the same function up to rounding, so opt-in; the unfolded model is the reference
+    fold_bn: bool = False
+    # on CUDA, eval_batch_size replaced once per run by the largest power of two (64 to 4096) whose attack fits half the free
+    # GPU memory (riftlab.evaluation.robust.eval_batch_size_for); the run records the size chosen. Elsewhere eval_batch_size stays
+    auto_eval_batch_size: bool = False
     progress: bool = True
 
     def resolved(self) -> "RiftConfig":
@@ -251,6 +257,8 @@ RULES: dict[str, Rule] = {
     "precision": OneOf(choices=PRECISIONS),
     "compile": Flag(),
     "cuda_graphs": Flag(),
+    "fold_bn": Flag(),
+    "auto_eval_batch_size": Flag(),
     "progress": Flag(),
 }
 

@@ -50,7 +50,8 @@ from ..steps.training import TrainResult, adversarial_train
 from .config import PROFILES, RiftConfig, attack_seed, data_params, precision_params
 from .runner import RunDir, Stage, StageContext, file_digest
 
-__all__ = ["RiftConfig", "PROFILES", "RiftRun", "AtSource", "run_rift", "prepare", "build_for", "training_batches", "eval_batches",
+__all__ = ["RiftConfig", "PROFILES", "RiftRun", "AtSource", "run_rift", "prepare", "build_for", "architecture", "resolve_eval_batch_size",
+           "fold_params", "training_batches", "eval_batches",
            "train_at", "finetune", "finetune_batches", "ft_params", "reference_test_selection", "choose_alpha", "evaluate_split", "compare_split", "checkpoint_meta", "results_table",
            "without_masks", "STAGES"]
 
@@ -90,6 +91,61 @@ def build_for(cfg: RiftConfig, splits: DataSplits) -> nn.Module:
 
         return build_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model)
     return build_model(cfg.model, info.num_classes, info.channels, info.image_size, cfg.width, info.mean, info.std)
+
+
+def architecture(cfg: RiftConfig) -> nn.Module:
+    """:func:`build_for`'s model from the dataset's description alone (no data loaded): for what the architecture decides
+    before any image is read (a module's name, the memory an attack takes)."""
+    from ..data import dataset_info
+
+    info = dataset_info(cfg.dataset)
+    if cfg.robustbench is not None:
+        from ..zoo import build_robustbench_model, robustbench_dataset
+
+        return build_robustbench_model(cfg.robustbench, robustbench_dataset(cfg.dataset), cfg.threat_model)
+    return build_model(cfg.model, info.num_classes, info.channels, info.image_size, cfg.width, info.mean, info.std)
+
+
+# Evaluation batch sizes resolve_eval_batch_size measured, by what decides them: one measurement per process, so that
+# every run of a process (reproduce's seeds, a step command then its run) gets the same size.
+_AUTO_EVAL_BATCH: dict[tuple, int] = {}
+
+
+def resolve_eval_batch_size(cfg: RiftConfig) -> RiftConfig:
+    """``cfg`` with ``eval_batch_size`` sized from free GPU memory when ``cfg.auto_eval_batch_size`` is set, else ``cfg``.
+
+    On CUDA the size is :func:`riftlab.evaluation.robust.eval_batch_size_for` of ``cfg``'s architecture on the run's
+    device under ``cfg.precision`` (a power of two in [64, 4096] that fits half the free memory); elsewhere it is
+    ``cfg.eval_batch_size`` itself. Under torchrun, where each rank attacks its slice of every batch, it is the
+    smallest rank's size times the number of ranks. Measured once per process: later calls with the same settings
+    return the same size. The stages' fingerprints and ``results.json``'s config hold the number, so a run resumed where
+    the memory gives another size is refused by name (pass ``eval_batch_size`` as recorded).
+    """
+    if not cfg.auto_eval_batch_size:
+        return cfg
+    from ..compute import use_precision
+    from ..data import dataset_info
+    from ..evaluation.robust import eval_batch_size_for
+
+    device = distributed.setup(cfg.device)  # the rank's own GPU under torchrun (prepare asks the same, at once)
+    if device.type != "cuda":
+        return cfg
+    key = (cfg.dataset, cfg.model, cfg.width, cfg.robustbench, cfg.threat_model, cfg.precision, str(device))
+    if key not in _AUTO_EVAL_BATCH:
+        info = dataset_info(cfg.dataset)
+        with use_precision(cfg.precision):
+            size = eval_batch_size_for(to_device(architecture(cfg), device), (info.channels, info.image_size, info.image_size), device,
+                                       default=cfg.eval_batch_size)
+        if distributed.active():
+            size = min(distributed.gather_objects(size)) * distributed.world_size()
+        _AUTO_EVAL_BATCH[key] = size
+    return dataclasses.replace(cfg, eval_batch_size=_AUTO_EVAL_BATCH[key])
+
+
+def fold_params(cfg: RiftConfig) -> dict[str, Any]:
+    """``fold_bn`` for the fingerprint of a stage that evaluates, only when set (so runs made before the setting existed
+    keep their fingerprints, and a resume with the other setting is refused by name: folding changes rounding)."""
+    return {"fold_bn": True} if cfg.fold_bn else {}
 
 
 def training_batches(cfg: RiftConfig, splits: DataSplits, device: torch.device | str) -> Batches:
@@ -173,7 +229,7 @@ def reference_test_selection(cfg: RiftConfig, model: nn.Module, theta_at: dict[s
         alphas = [a for a in REFERENCE_ALPHAS if a > 0]
         _, masks = interpolation_curve(model, theta_at, {**theta_at, **on_device[best]}, test, cfg.eps, cfg.step, cfg.eval_steps,
                                        cfg.eval_restarts, alphas, seed=attack_seed(cfg, "test"), state=state.child("curve"),
-                                       progress=cfg.progress, per_image=True)
+                                       progress=cfg.progress, per_image=True, fold_bn=cfg.fold_bn)
     finally:
         model.load_state_dict(original)
     clean = torch.stack([at_test["clean"].bool().cpu(), *[m["clean"] for m in masks]])
@@ -189,7 +245,7 @@ def choose_alpha(cfg: RiftConfig, model: nn.Module, theta_at: dict[str, torch.Te
     alpha the paper's rule picks on it (``cfg.threshold``), and each alpha's per-image results. ``model`` gives the
     architecture."""
     curve, masks = interpolation_curve(model, theta_at, theta_ft, val, cfg.eps, cfg.step, cfg.eval_steps, cfg.val_restarts, cfg.alphas,
-                                       seed=attack_seed(cfg, "val"), state=state, progress=cfg.progress, per_image=True)
+                                       seed=attack_seed(cfg, "val"), state=state, progress=cfg.progress, per_image=True, fold_bn=cfg.fold_bn)
     return curve, select_alpha(curve, cfg.threshold), masks
 
 
@@ -199,7 +255,7 @@ def evaluate_split(cfg: RiftConfig, model: nn.Module, batches: Batches, split: s
     ``eval_restarts`` on test (``val_restarts`` on validation) and :func:`~riftlab.engine.config.attack_seed`'s starts."""
     restarts = restarts or (cfg.eval_restarts if split == "test" else cfg.val_restarts)
     return evaluate(model, batches, cfg.eps, cfg.step, cfg.eval_steps, restarts, seed=attack_seed(cfg, split), per_image=per_image,
-                    state=state, progress=cfg.progress)
+                    state=state, progress=cfg.progress, fold_bn=cfg.fold_bn)
 
 
 def compare_split(cfg: RiftConfig, model_a: nn.Module, model_b: nn.Module, batches: Batches, split: str,
@@ -208,7 +264,7 @@ def compare_split(cfg: RiftConfig, model_a: nn.Module, model_b: nn.Module, batch
     intervals (:func:`riftlab.compare`)."""
     restarts = restarts or (cfg.eval_restarts if split == "test" else cfg.val_restarts)
     return compare(model_a, model_b, batches, cfg.eps, cfg.step, cfg.eval_steps, restarts, seed=attack_seed(cfg, split), state=state,
-                   progress=cfg.progress)
+                   progress=cfg.progress, fold_bn=cfg.fold_bn)
 
 
 def without_masks(result: dict[str, Any]) -> dict[str, Any]:
@@ -263,7 +319,7 @@ class RiftRun:
     def __init__(self, cfg: RiftConfig, out_dir: str | os.PathLike, at: AtSource = AtSource(), resume: bool = False,
                  overwrite: bool = False, log: Callable[[str], Any] = print, module: str | None = None, ft_from: str | None = None,
                  adopt: Sequence[str] = ()):
-        self.cfg = cfg.resolved()
+        self.cfg = resolve_eval_batch_size(cfg.resolved())
         self.at_source = at
         self.module_option = module if module is not None else self.cfg.ft_module
         self.ft_from = ft_from  # None: fine-tune here; "existing": the finetune stage an earlier command wrote; else a file
@@ -362,21 +418,21 @@ class RiftRun:
         cfg = self.cfg
         params = {**self._common(), "seed": attack_seed(cfg, "val"), "alphas": list(cfg.alphas), "threshold": cfg.threshold,
                   "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "val_restarts": cfg.val_restarts,
-                  "eval_batch_size": cfg.eval_batch_size}
+                  "eval_batch_size": cfg.eval_batch_size, **fold_params(cfg)}
         return Stage("interpolate", params, self._interpolate, inputs=("at", "finetune"),
                      outputs=("interpolation.csv", "interpolation_correct.pt", "alpha.json", "rift.pt"))
 
     def test_stage(self) -> Stage:
         cfg = self.cfg
         params = {**self._common(), "seed": attack_seed(cfg, "test"), "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps,
-                  "eval_restarts": cfg.eval_restarts, "eval_batch_size": cfg.eval_batch_size}
+                  "eval_restarts": cfg.eval_restarts, "eval_batch_size": cfg.eval_batch_size, **fold_params(cfg)}
         return Stage("test", params, self._test, inputs=("at", "interpolate"), outputs=("test.json", "test_correct.pt"))
 
     def test_selection_stage(self) -> Stage:
         cfg = self.cfg
         params = {**self._common(), "seed": attack_seed(cfg, "test"), "alphas": list(REFERENCE_ALPHAS), "threshold": cfg.threshold,
                   "eps": cfg.eps, "step": cfg.step, "eval_steps": cfg.eval_steps, "eval_restarts": cfg.eval_restarts,
-                  "eval_batch_size": cfg.eval_batch_size, "permutations": SELECTION_PERMUTATIONS, "null_seed": cfg.seed}
+                  "eval_batch_size": cfg.eval_batch_size, "permutations": SELECTION_PERMUTATIONS, "null_seed": cfg.seed, **fold_params(cfg)}
         return Stage("test_selection", params, self._test_selection, inputs=("at", "finetune", "test"),
                      outputs=("test_selection.json", "test_selection_correct.pt"))
 
@@ -426,16 +482,7 @@ class RiftRun:
 
     def _check_module_name(self, name: str) -> None:
         """An unknown module name, raised from the architecture alone (no data, no weights)."""
-        from ..data import dataset_info
-
-        info = dataset_info(self.cfg.dataset)
-        if self.cfg.robustbench is not None:
-            from ..zoo import build_robustbench_model, robustbench_dataset
-
-            model = build_robustbench_model(self.cfg.robustbench, robustbench_dataset(self.cfg.dataset), self.cfg.threat_model)
-        else:
-            model = build_model(self.cfg.model, info.num_classes, info.channels, info.image_size, self.cfg.width, info.mean, info.std)
-        get_weight_module(model, name)
+        get_weight_module(architecture(self.cfg), name)
 
     def run(self, until: str = "test") -> dict[str, Any]:
         """Run (or reuse, or resume) the stages up to ``until``; with ``until="test"`` also write ``results.json``.

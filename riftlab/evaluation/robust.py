@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import weakref
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn as nn
@@ -10,11 +11,11 @@ import torch.nn as nn
 from .. import distributed
 from ..attacks import _ascend, eval_mode, random_start_point
 from .._progress import bar
-from ..compute import autocast
-from ..graphs import graphed_for
+from ..compute import autocast, batch_layout, fold_batchnorm
+from ..graphs import graphed_for, use_cuda_graphs
 from ..resume import StepState, ensure_state
 
-__all__ = ["evaluate", "accuracy", "clean_correct", "compare"]
+__all__ = ["evaluate", "accuracy", "clean_correct", "compare", "batch_size_for_memory", "eval_batch_size_for"]
 
 
 @torch.no_grad()
@@ -58,6 +59,7 @@ def evaluate(
     per_image: bool = False,
     state: StepState | None = None,
     progress: bool = False,
+    fold_bn: bool = False,
 ) -> dict[str, Any]:
     """Clean accuracy and PGD-``steps`` robust accuracy, worst case over ``restarts`` random starts.
 
@@ -79,12 +81,20 @@ def evaluate(
     Under torchrun, each rank attacks its slice of every batch (random starts drawn from
     ``seed`` and the rank) and the counts are summed over the ranks; ``state`` is then not used
     (a rank's partial counts mean nothing alone).
+
+    ``fold_bn=True`` attacks and classifies :func:`riftlab.compute.fold_batchnorm`'s copy of ``model`` (every
+    BatchNorm after a convolution folded into it; the weights are fixed for the whole evaluation, so the fold is
+    exact up to rounding): fewer kernels per attack step, results equal to the unfolded model's up to images whose
+    outcome floating-point rounding decides. The copy is kept with ``model`` and refreshed from its weights at each
+    call (the interpolation curve's alphas reuse its storage and CUDA graphs). ``model`` itself is not changed.
     """
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     if eps < 0 or step < 0 or steps < 0:
         raise ValueError(f"eps, step (the PGD step size) and steps must be non-negative, got {eps}, {step}, {steps}")
     model = distributed.unwrap(model)
+    if fold_bn:
+        model = _folded(model)
     batches, sharded = distributed.shard(batches)
     if sharded:
         state = None
@@ -145,6 +155,7 @@ def compare(
     seed: int = 0,
     state: StepState | None = None,
     progress: bool = False,
+    fold_bn: bool = False,
 ) -> dict[str, Any]:
     """Evaluate two models on the same images with the same per-image random starts, and compare them.
 
@@ -155,7 +166,7 @@ def compare(
     counts of images gained and lost.
 
     ``state`` (:mod:`riftlab.resume`): each model's evaluation keeps its progress in
-    ``state.child("a")`` / ``state.child("b")``.
+    ``state.child("a")`` / ``state.child("b")``. ``fold_bn``: :func:`evaluate`'s, for both.
 
     Returns:
         ``{"clean": paired difference, "robust": paired difference, "a": evaluate(A), "b": evaluate(B)}``;
@@ -164,8 +175,10 @@ def compare(
     from .stats import paired_difference
 
     state = ensure_state(state)
-    a = evaluate(model_a, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("a"), progress=progress)
-    b = evaluate(model_b, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("b"), progress=progress)
+    a = evaluate(model_a, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("a"), progress=progress,
+                 fold_bn=fold_bn)
+    b = evaluate(model_b, batches, eps, step, steps, restarts, seed, per_image=True, state=state.child("b"), progress=progress,
+                 fold_bn=fold_bn)
     return {"clean": paired_difference(a["clean_correct"], b["clean_correct"]),
             "robust": paired_difference(a["robust_correct"], b["robust_correct"]), "a": a, "b": b}
 
@@ -237,3 +250,100 @@ def _evaluate_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: flo
         a = _evaluate_batch(model, x[:half], y[:half], eps, step, steps, restarts, gen)
         b = _evaluate_batch(model, x[half:], y[half:], eps, step, steps, restarts, gen)
         return torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])
+
+
+# Each model's BatchNorm-folded copy (evaluate's fold_bn), kept while the model lives and refreshed in place at each call.
+_FOLDED: "weakref.WeakKeyDictionary[nn.Module, nn.Module]" = weakref.WeakKeyDictionary()
+
+
+def _folded(model: nn.Module) -> nn.Module:
+    """:func:`riftlab.compute.fold_batchnorm` of ``model`` with its current weights, into the copy an earlier call made
+    when it is still on ``model``'s device (so CUDA graphs recorded on it are reused), else into a new one."""
+    kept = _FOLDED.get(model)
+    device = next(model.parameters()).device
+    if kept is not None and next(kept.parameters()).device == device:
+        return fold_batchnorm(model, out=kept)
+    _FOLDED[model] = folded = fold_batchnorm(model)
+    return folded
+
+
+def batch_size_for_memory(free_bytes: float, bytes_per_image: float, fixed_bytes: float = 0.0, fraction: float = 0.5,
+                          floor: int = 64, cap: int = 4096) -> int:
+    """The largest power of two ``n`` in [``floor``, ``cap``] whose attack fits: ``fixed_bytes + n * bytes_per_image <=
+    fraction * free_bytes``; ``floor`` when not even that fits (:func:`evaluate` halves a batch that runs out of memory).
+
+    A power of two, so that the size moves only when the free memory doubles or halves: a run resumed on the same
+    GPU finds the same size (its stages' fingerprints hold it).
+
+    Args:
+        free_bytes: device memory free for the evaluation, bytes.
+        bytes_per_image: what each image of an attacked batch adds to the peak, bytes (> 0).
+        fixed_bytes: what an attacked batch needs whatever its size (workspaces), bytes.
+        fraction: the share of ``free_bytes`` the evaluation may take, in (0, 1]; the rest is headroom for what else
+            the run holds (the second model of a comparison, the training state, the allocator's fragmentation).
+        floor, cap: the smallest and largest sizes returned, powers of two.
+    """
+    if not (floor >= 1 and cap >= floor and floor & (floor - 1) == 0 and cap & (cap - 1) == 0):
+        raise ValueError(f"floor and cap must be powers of two with floor <= cap, got {floor} and {cap}")
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if not bytes_per_image > 0 or free_bytes < 0 or fixed_bytes < 0:
+        raise ValueError(f"bytes_per_image must be > 0 and free_bytes, fixed_bytes >= 0, "
+                         f"got {bytes_per_image}, {free_bytes}, {fixed_bytes}")
+    room = fraction * free_bytes - fixed_bytes
+    n = cap
+    while n > floor and n * bytes_per_image > room:
+        n //= 2
+    return n
+
+
+def eval_batch_size_for(model: nn.Module, sample_shape: Sequence[int], device: torch.device | str, default: int = 512,
+                        free_bytes: float | None = None, fraction: float = 0.5, floor: int = 64, cap: int = 4096) -> int:
+    """The evaluation batch size that fits ``device``'s free memory: :func:`batch_size_for_memory` of what one attacked
+    image takes there; ``default`` unchanged off CUDA (the CPU's caches, not its memory, set its best size).
+
+    On CUDA it measures :func:`evaluate`'s own batch step (the clean pass, a random start, one PGD step with its input
+    gradient, the pass on the adversarial images; eagerly, under the current precision) at 32 and 64 images with
+    ``torch.cuda.max_memory_allocated``, each after a call that lets cudnn tune: the difference is the memory per
+    image, the rest the fixed part. More PGD steps need no more memory (each step's graph is freed before the next).
+    A second of GPU time. ``model`` is put in eval mode for the measurement, its weights untouched.
+
+    Args:
+        model: the model to evaluate, on ``device``. sample_shape: one image's shape (C, H, W).
+        free_bytes: the free memory to size for, bytes; default: the device's free memory
+            (``torch.cuda.mem_get_info``) plus what this process's allocator holds unused.
+        fraction, floor, cap: :func:`batch_size_for_memory`'s (half the free memory, between 64 and 4096 images).
+
+    Returns:
+        A power of two in [floor, cap] on CUDA; ``default`` elsewhere.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return default
+    peaks = {n: _attack_peak_bytes(model, tuple(sample_shape), device, n) for n in (32, 64)}
+    per_image = (peaks[64] - peaks[32]) / 32
+    if per_image <= 0:  # allocator rounding hid the difference: charge the whole peak to the images (larger, so safe)
+        per_image = peaks[64] / 64
+    fixed = max(peaks[32] - 32 * per_image, 0.0)
+    if free_bytes is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        free_bytes = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return batch_size_for_memory(free_bytes, per_image, fixed, fraction, floor, cap)
+
+
+def _attack_peak_bytes(model: nn.Module, sample_shape: tuple[int, ...], device: torch.device, n: int) -> int:
+    """The peak memory (bytes above what was allocated before) of :func:`_robust_correct` on ``n`` random images with
+    one PGD step, measured at its second call (the first lets cudnn tune its algorithms, whose trials need workspace)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = batch_layout(torch.rand((n, *sample_shape), device=device, generator=gen))
+    with eval_mode(model), use_cuda_graphs(False):  # eager: a probe must not record graphs that stay with the model
+        with torch.no_grad(), autocast(device):
+            y = model(x).argmax(1)  # every image classified right, so every image is attacked
+        for _ in range(2):
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            _robust_correct(model, x, y, 8 / 255, 2 / 255, 1, 1, gen)
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device) - before
+    return peak

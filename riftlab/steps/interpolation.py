@@ -55,6 +55,7 @@ def interpolation_curve(
     state: StepState | None = None,
     progress: bool = False,
     per_image: bool = False,
+    fold_bn: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, list[dict[str, torch.Tensor]]]:
     """Clean and PGD robust accuracy of theta(alpha) for every alpha, on ``batches``.
 
@@ -70,6 +71,8 @@ def interpolation_curve(
     boolean CPU tensors (N,), each image's result in the order of ``batches``.
     ``state`` (:mod:`riftlab.resume`) receives the rows after each alpha, and the evaluation of
     the alpha in progress its own progress after each batch (``state.child("alpha-<i>")``).
+    ``fold_bn``: :func:`riftlab.evaluation.robust.evaluate`'s, at every alpha (theta(alpha)'s BatchNorms folded into
+    its convolutions, into one copy refreshed per alpha).
     """
     state = ensure_state(state)
     saved = state.load() or {}
@@ -80,7 +83,8 @@ def interpolation_curve(
             for alpha in list(alphas)[len(rows):]:
                 model.load_state_dict(interpolate(theta_at, theta_ft, float(alpha)))
                 point = state.child(f"alpha-{len(rows)}")  # one per point: a finished point's leftovers are never read again
-                result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed, per_image=True, state=point, progress=progress)
+                result = evaluate(model, batches, eps, step, attack_steps, restarts, seed=seed, per_image=True, state=point, progress=progress,
+                                  fold_bn=fold_bn)
                 rows.append({"alpha": float(alpha), "clean_acc": result["clean_acc"], "robust_acc": result["robust_acc"]})
                 masks.append({"clean": result["clean_correct"], "robust": result["robust_correct"]})
                 state.save({"rows": rows, "masks": masks})
