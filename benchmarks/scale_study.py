@@ -807,6 +807,47 @@ def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[st
     return out
 
 
+# What `export --decomposition` commits of each run: what the summary reads, the AT weights and per-image results (small
+# at these widths), and the logs; not the fine-tuned weights (they are rebuilt from the commands).
+_EXPORT_RUN = ("results.json", "test.json", "alpha.json", "at_history.csv", "finetune.csv", "mrc.csv", "interpolation.csv",
+               "riftlab.lock", "at.pt", "test_correct.pt", "interpolation_correct.pt")
+_EXPORT_FOLDER = ("interpolation.csv", "test_selection.json")
+
+
+def export_decomposition(root: Path, dest: Path, lengths: tuple[int, ...], seeds: tuple[int, ...]) -> list[str]:
+    """Copy the decomposition's finished runs from ``root`` to ``dest`` (one folder per run, :data:`_EXPORT_RUN` and
+    each setting's rows, curves, test-selection reports and fine-tuning histories), with the runner's ledger entries
+    for them and its sessions (``dest/jobs.json``), so that the summary can be rebuilt from ``dest`` alone. Writes each
+    file atomically; returns the runs copied."""
+    import shutil
+
+    width, train = MIDDLE
+    ledger = _read(root / "jobs.json") or {}
+    copied, entries = [], {"_threads": ledger.get("_threads"), "_sessions": ledger.get("_sessions", [])}
+    for length in lengths:
+        for seed in seeds:
+            name = run_name(width, train, seed, length)
+            run = root / name
+            if not (run / "results.json").is_file():
+                continue
+            files = [run / f for f in _EXPORT_RUN if (run / f).is_file()]
+            for folder in DECOMPOSITION:
+                if (run / f"{folder}.csv").is_file():
+                    files.append(run / f"{folder}.csv")
+                    files += sorted(f for f in (run / folder).rglob("*") if f.name in _EXPORT_FOLDER or f.name == "finetune.csv")
+            files += sorted((root / "logs").glob(f"{name}.log")) + sorted((root / "logs").glob(f"{name}_*.log"))
+            for f in files:
+                target = dest / name / (f.relative_to(run) if f.is_relative_to(run) else Path("logs") / f.name)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_name(target.name + ".tmp")
+                shutil.copyfile(f, tmp)
+                tmp.replace(target)
+            entries.update({k: v for k, v in ledger.items() if k == name or k.startswith(name + ":")})
+            copied.append(name)
+    _write_json(dest / "jobs.json", entries)
+    return copied
+
+
 def _headline_diffs(seeds: list[dict[str, Any]], pick: dict[str, Any]) -> list[dict[str, Any]]:
     """Per seed, the headline's test differences (RiFT as defined, or the chosen variant's row)."""
     out = []
@@ -906,7 +947,8 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
 def main() -> int:
     global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE, AT_EPOCHS, DECOMPOSITION_AT_EPOCHS  # --smoke shrinks them
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("action", choices=["run", "status", "summarize"])
+    parser.add_argument("action", choices=["run", "status", "summarize", "export"],
+                        help="export: copy the decomposition's finished runs to --out/decomposition_runs (with --decomposition)")
     parser.add_argument("--root", type=Path, default=REPO / "runs" / "scale_study", help="where the runs live (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "scale_study", help="summarize: where study.json goes")
     parser.add_argument("--jobs", type=int, default=2, help="run: jobs side by side (default 2)")
@@ -966,6 +1008,12 @@ def main() -> int:
         return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu, decomposition, seeds)
     if args.action == "status":
         status(args.root, args.big, args.gpu, decomposition, seeds)
+        return 0
+    if args.action == "export":
+        if not decomposition:
+            raise SystemExit("export copies the decomposition's runs: pass --decomposition (and its --at-epochs, --decomposition-seeds)")
+        copied = export_decomposition(args.root, args.out / "decomposition_runs", decomposition, seeds)
+        print(f"copied {', '.join(copied) or 'nothing'} to {args.out / 'decomposition_runs'}")
         return 0
     summarize(args.root, args.out, args.big, args.tie_images, args.carry, args.gpu, decomposition, seeds)
     return 0

@@ -32,7 +32,7 @@ NOTEBOOKS = ROOT / "notebooks"
 TEMPLATE = NOTEBOOKS / "06_rift_end_to_end.ipynb"
 RESULTS_PAGE = NOTEBOOKS / "07_results.ipynb"
 CHAPTERS = ("00_intro", "01_adversarial_training", "02_module_robust_criticality", "03_finetuning", "04_interpolation", "05_out_of_distribution",
-            "08_at_scale")
+            "08_at_scale", "09_gain_decomposition")
 
 # Chapter 7: executed copy -> (page title, papermill parameters). The profile is the template's small
 # CPU profile; give `-p profile paper -p dataset cifar10` (and a GPU, and the data) for the real thing.

@@ -64,7 +64,7 @@ def test_the_headline_follows_its_rule_and_its_seeds(study):
     trend = book.study_trend(study)
     considered = trend[[[w, n] in block["considered"] for w, n in zip(trend["width"], trend["training images"])]]
     assert len(considered) == len(block["considered"])
-    winners = [v for v in considered["verdict"] if v.startswith("gain (")]
+    winners = [v for v in considered["verdict"] if v == "gain"]
     assert ("no configuration wins" in block["pick"]["rule"]) == (not winners)
 
 
@@ -235,7 +235,7 @@ def _the_gpu_row_joins_the_committed_trend(tmp_path, out):
     assert all(r["at"]["attack_steps"] == 3 for r in merged["trend"][:-1])
     assert row["commands"]["w16-n1k-s0"][:2] == ["riftlab", "rift"] and row["wall_s"]["w16-n1k-s0"] > 0
     assert any("--gpu" in s["command"] for s in merged["provenance"]["runs"])  # the GPU runner's session is in the provenance
-    table = book.study_trend(book.study_results(merged_out / "study.json"))
+    table = book.study_models(book.study_results(merged_out / "study.json"))
     assert list(table["AT"]) == ["PGD-3, 1 epoch (cpu)"] * 2 + ["PGD-10, 1 epoch (cpu)"]
 
 
@@ -357,6 +357,17 @@ def test_the_decomposition_runs_at_tiny_sizes(tmp_path):
             values = [s["validation_selected"]["clean"]["diff"] for r in longer["runs"] for s in r["settings"] if s["setting"] == setting]
         assert p["seeds"] == [0, 1] and p["clean"]["over_seeds"]["values"] == values
         assert p["clean"]["pooled"]["n"] == 2 * 200  # both seeds' test images
+    # export: the finished runs copied to results, from which the same summary is rebuilt (what the committed files do)
+    proc = subprocess.run([sys.executable, "benchmarks/scale_study.py", "export", "--decomposition", "--decomposition-seeds", "0,1",
+                           "--smoke", "--root", str(root), "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    script = _script_module()
+    script.MIDDLE, script.AT_EPOCHS = (8, 1000), 1  # the smoke's sizes, as --smoke sets them
+    exported = out / "decomposition_runs"
+    assert sorted(p.name for p in exported.iterdir() if p.is_dir()) == ["w8-n1k-e2-s0", "w8-n1k-e2-s1", "w8-n1k-s0"]
+    assert not list(exported.rglob("ft.pt"))  # the fine-tuned weights stay behind
+    again = script._decomposition_summary(exported, (1, 2), json.loads((exported / "jobs.json").read_text()), (0, 1))
+    assert json.loads(json.dumps(again)) == blocks
 
 
 def test_the_decomposition_is_what_its_committed_run_files_give(study):

@@ -30,7 +30,7 @@ from .decomposition import (SETTING_LABELS, decomposition_answer, decomposition_
 from .figures import plot_attacks
 from .notebook import direction, environment, glue, on_colab, round_floats, run_root, setup
 from .study import (TABLE3_LABELS, VARIANT_LABELS, interval_text, plot_study_mrc, plot_study_trend, study_confirmation_sentence,
-                    study_confirmations, study_curve, study_curve_sentence, study_headline, study_machines, study_results,
+                    study_confirmations, study_curve, study_curve_sentence, study_headline, study_machines, study_models, study_results,
                     study_summary_sentence, study_table3, study_tie_check, study_trend, study_variants, study_width_note)
 
 __all__ = [
@@ -45,7 +45,7 @@ __all__ = [
     "plot_attacks",
     # study
     "study_results", "interval_text", "study_machines", "study_curve", "study_curve_sentence", "study_width_note",
-    "study_trend", "VARIANT_LABELS", "study_variants", "study_headline", "study_summary_sentence", "plot_study_trend",
+    "study_models", "study_trend", "VARIANT_LABELS", "study_variants", "study_headline", "study_summary_sentence", "plot_study_trend",
     "plot_study_mrc", "study_table3", "TABLE3_LABELS", "study_confirmations", "study_confirmation_sentence", "study_tie_check",
     # decomposition
     "SETTING_LABELS", "decomposition_blocks", "decomposition_regimes", "decomposition_regime_sentence", "decomposition_table",

@@ -38,11 +38,14 @@ def interval_text(d: Mapping[str, Any]) -> str:
 
 
 def _verdict(clean: Mapping[str, Any], robust: Mapping[str, Any], threshold: float) -> str:
+    """``gain``: the clean change's 95% interval above 0 with robust accuracy held (within ``threshold`` points);
+    ``loss``: the interval below 0; ``within noise``: the interval holds 0; ``robust drop``: a clean gain that cost more
+    robust accuracy than the threshold allows. Short, so that the tables fit the page; the chapters' prose says this."""
     if clean["ci_low"] > 0 and robust["diff"] >= -threshold - 1e-9:
-        return "gain (interval above 0)"
+        return "gain"
     if clean["ci_high"] < 0:
-        return "loss (interval below 0)"
-    return "no detectable change" if clean["ci_low"] <= 0 <= clean["ci_high"] else "gain, but robust drop"
+        return "loss"
+    return "within noise" if clean["ci_low"] <= 0 <= clean["ci_high"] else "robust drop"
 
 
 def _at_label(at: Mapping[str, Any]) -> str:
@@ -118,27 +121,31 @@ def study_width_note(study: Mapping[str, Any]) -> str:
             + "; ".join(pairs) + ". Such a row's change does not measure capacity alone.")
 
 
+def study_models(study: Mapping[str, Any]) -> pd.DataFrame:
+    """One row per configuration of the study (seed 0): how its AT model was trained (attack, epochs, device), its test
+    accuracies (percent), its least critical module (weights) and MRC's spread (most / least critical)."""
+    return pd.DataFrame([{"width": r["width"], "training images": r["train"], "AT": _at_label(r["at"]),
+                          "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),
+                          "least critical (weights)": f"{r['module']} ({r['mrc']['least_params']})",
+                          "MRC spread": round(r["mrc"]["spread"], 1)} for r in study["trend"]])
+
+
 def study_trend(study: Mapping[str, Any]) -> pd.DataFrame:
-    """One row per configuration of the study (seed 0): how AT was run (attack, epochs, device), RiFT as defined and its
-    test changes with their paired 95% intervals."""
+    """One row per configuration of the study (seed 0): RiFT as defined, its alpha and its test changes (points) with
+    their paired 95% intervals, and the verdict (:func:`_verdict`). How each AT model was trained: :func:`study_models`."""
     threshold = study["provenance"]["threshold"]
     rows = []
     for r in study["trend"]:
         d = r["test"]["difference"]
-        rows.append({"width": r["width"], "training images": r["train"],
-                     "AT": _at_label(r["at"]),
-                     "module (weights)": f"{r['module']} ({r['mrc']['least_params']})",
-                     "MRC spread (most / least)": round(r["mrc"]["spread"], 1), "alpha": r["alpha"],
-                     "AT test clean": round(r["test"]["at"]["clean_acc"], 2), "AT test robust": round(r["test"]["at"]["robust_acc"], 2),
-                     "clean change [95% CI]": interval_text(d["clean"]), "robust change [95% CI]": interval_text(d["robust"]),
+        rows.append({"width": r["width"], "training images": r["train"], "module": r["module"], "alpha": r["alpha"],
+                     "clean change": interval_text(d["clean"]), "robust change": interval_text(d["robust"]),
                      "verdict": _verdict(d["clean"], d["robust"], threshold)})
     return pd.DataFrame(rows)
 
 
-VARIANT_LABELS = {("rift", "least"): "RiFT as defined (least critical module, lr 0.001)",
-                  ("variants", "least3x3"): "least critical 3x3 conv (departs from the paper's definition)",
-                  ("bn", "least"): "BatchNorm statistics updated (the reference code)", ("lr0.003", "least"): "lr 0.003",
-                  ("lr0.01", "least"): "lr 0.01"}
+# Short, so that the tables fit the page; the chapter's prose says what each one changes.
+VARIANT_LABELS = {("rift", "least"): "RiFT as defined", ("variants", "least3x3"): "least critical 3x3 conv",
+                  ("bn", "least"): "BatchNorm statistics updated", ("lr0.003", "least"): "lr 0.003", ("lr0.01", "least"): "lr 0.01"}
 
 
 def _test_change(row: Mapping[str, Any], kind: str) -> dict[str, Any]:
@@ -153,21 +160,24 @@ def _curve_change(point: Mapping[str, Any], kind: str) -> dict[str, Any]:
 
 
 def study_variants(study: Mapping[str, Any]) -> pd.DataFrame:
-    """Every labelled fine-tuning variant of every configuration, with its test changes against AT and their intervals."""
+    """Every labelled fine-tuning variant, beside RiFT as defined on the same configuration, with its test changes
+    against AT (points) and their paired 95% intervals; only the configurations that ran variants."""
     threshold = study["provenance"]["threshold"]
     rows = []
     for r in study["trend"]:
+        if not [v for v in r["variants"] if v["setting"] != "table3" and v["variant"] not in ("at", "no-interp")]:
+            continue
         entries = [("rift", "least", r["module"], r["mrc"]["least_params"], r["alpha"], r["test"]["difference"]["clean"],
                     r["test"]["difference"]["robust"])]
         for v in r["variants"]:
             if v["setting"] == "table3" or v["variant"] in ("at", "no-interp"):
                 continue
             entries.append((v["setting"], v["variant"], v["modules"], v["params"], v["alpha"], _test_change(v, "clean"), _test_change(v, "robust")))
-        for setting, variant, module, params, alpha, clean, robust in entries:
+        for setting, variant, module, _, alpha, clean, robust in entries:
             rows.append({"width": r["width"], "training images": r["train"],
                          "fine-tuning": VARIANT_LABELS.get((setting, variant), f"{setting} / {variant}"),
-                         "module (weights)": f"{module} ({params})", "alpha": alpha, "clean change [95% CI]": interval_text(clean),
-                         "robust change [95% CI]": interval_text(robust), "verdict": _verdict(clean, robust, threshold)})
+                         "module": module, "alpha": alpha, "clean change": interval_text(clean),
+                         "robust change": interval_text(robust), "verdict": _verdict(clean, robust, threshold)})
     return pd.DataFrame(rows)
 
 
@@ -193,7 +203,7 @@ def study_summary_sentence(study: Mapping[str, Any]) -> str:
     over = block.get("over_seeds")
     where = f"a ResNet-18 of width {width} adversarially trained on {train} real Fashion-MNIST images"
     trend = study_trend(study)
-    gains = trend[trend["verdict"].str.startswith("gain (")]
+    gains = trend[trend["verdict"] == "gain"]
     if pick["rule"] == "smallest winning configuration":
         lead = f"RiFT as defined gains clean accuracy on the test split of {where}, with robust accuracy held"
     elif pick["rule"].startswith("smallest winning configuration"):
@@ -251,8 +261,8 @@ def plot_study_trend(study: Mapping[str, Any]):
     variants = study_variants(study)
     shown = variants[~variants["fine-tuning"].str.startswith("RiFT as defined")]
     for i, (_, row) in enumerate(shown.iterrows()):
-        value = float(row["clean change [95% CI]"].split(" ")[0])
-        low, high = (float(v) for v in row["clean change [95% CI]"].split("[")[1].rstrip("]").split(", "))
+        value = float(row["clean change"].split(" ")[0])
+        low, high = (float(v) for v in row["clean change"].split("[")[1].rstrip("]").split(", "))
         ax.errorbar([row["width"] * (1.04 + 0.03 * i)], [value], yerr=[[value - low], [high - value]], marker="s", ls="none", capsize=3,
                     alpha=0.7, label=f"{row['fine-tuning']}, width {row['width']}")
     ax.axhline(0, color="grey", lw=1, ls=":")
@@ -346,7 +356,7 @@ def study_confirmation_sentence(study: Mapping[str, Any]) -> str:
             parts.append(head + "; one seed among several comparisons can win by chance, and its repetition on the other seeds has not run")
             continue
         pooled, over = c["pooled"], c["over_seeds"]
-        holds = _verdict(pooled["clean"], pooled["robust"], threshold).startswith("gain (")
+        holds = _verdict(pooled["clean"], pooled["robust"], threshold) == "gain"
         parts.append(head + f". Run again unchanged on seeds {', '.join(str(s) for s in c['seeds'] if s != 0)} (a check fixed before they were seen), "
                      f"it changes clean accuracy by {over['clean']['mean']:+.2f} points on average over seeds "
                      f"{', '.join(map(str, c['seeds']))} ([{over['clean']['ci_low']:+.2f}, {over['clean']['ci_high']:+.2f}]) and by "

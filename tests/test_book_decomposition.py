@@ -1,0 +1,81 @@
+"""The decomposition chapter's tables and sentences say what the study's decomposition block holds: the settings in
+the book's order, the test-selected number beside its null, and an answer that calls a change a gain only where its
+interval clears 0."""
+
+import copy
+
+import pytest
+
+from riftlab import book
+from riftlab.evaluation.stats import difference_from_counts, over_seeds
+
+
+def _setting(name: str, clean: tuple[int, int], robust: tuple[int, int], gain_on_test: float | None = None) -> dict:
+    n = 10000
+    counts = {"clean": {"gained": clean[0], "lost": clean[1], "n": n}, "robust": {"gained": robust[0], "lost": robust[1], "n": n}}
+    changes = {k: difference_from_counts(c["gained"], c["lost"], n) for k, c in counts.items()}
+    curve = [{"alpha": a, **{f"{k}_change{s}": v for k in ("clean", "robust") for s, v in (("", 0.0), ("_low", -0.1), ("_high", 0.1))}}
+             for a in (0.0, 0.5, 1.0)]
+    curve[-1]["robust_change"], curve[-1]["robust_change_low"], curve[-1]["robust_change_high"] = -3.9, -4.5, -3.3
+    chosen = None if gain_on_test is None else {"epoch": 3, "alpha": 0.1, "clean_gain": gain_on_test, "robust_change": 0.0,
+                                                  "null": {"mean": 0.07, "p95": 0.21, "p_value": 0.4, "permutations": 200}}
+    end = {k: {"diff": curve[-1][f"{k}_change"], "ci_low": curve[-1][f"{k}_change_low"], "ci_high": curve[-1][f"{k}_change_high"]}
+           for k in ("clean", "robust")}
+    return {"setting": name, "variant": "least", "modules": "layer1.0.conv2", "params": 576, "alpha": 0.5,
+            "validation_selected": changes, "counts": counts, "end_point": end, "curve": curve, "test_selected": chosen}
+
+
+def _study(reference_clean: tuple[int, int]) -> dict:
+    runs = []
+    for seed in (0, 1):
+        settings = [_setting("reference", reference_clean, (10, 10), 0.12), _setting("bn-only", (3, 4), (5, 5), 0.0)]
+        if seed == 0:
+            settings += [_setting("reference-paper", (7, 7), (9, 9)), _setting("frozen-bn", (2, 2), (1, 1), 0.05)]
+        rift = {k: difference_from_counts(4, 4, 10000) for k in ("clean", "robust")}
+        runs.append({"name": f"w8-n10k-e40-s{seed}", "seed": seed, "at_epochs": 40, "module": "layer1.0.conv2", "alpha": 0.5,
+                     "at": {"clean": 84.0, "robust": 72.0}, "rift": rift, "settings": settings,
+                     "regime": {"epochs": 40, "train_robust": 76.0 + seed, "val_robust": 72.5, "val_clean": 84.5, "gap": 3.5 + seed}})
+    pooled = []
+    for name in ("reference", "bn-only"):
+        mine = [s for r in runs for s in r["settings"] if s["setting"] == name]
+        pooled.append({"setting": name, "seeds": [0, 1], **{k: {
+            "over_seeds": over_seeds([s["validation_selected"][k]["diff"] for s in mine], [0, 1]),
+            "pooled": difference_from_counts(sum(s["counts"][k]["gained"] for s in mine), sum(s["counts"][k]["lost"] for s in mine), 20000)}
+            for k in ("clean", "robust")}})
+    short = copy.deepcopy(runs[0])
+    short.update(name="w8-n10k-s0", at_epochs=10, settings=[], regime={"epochs": 10, "train_robust": 74.0, "val_robust": 72.1,
+                                                                           "val_clean": 80.4, "gap": 1.9})
+    blocks = [{"name": "w8-n10k-s0", "at_epochs": 10, "runs": [short], "over_seeds": []},
+              {"name": "w8-n10k-e40-s0", "at_epochs": 40, "runs": runs, "over_seeds": pooled}]
+    return {"decomposition": blocks}
+
+
+def test_the_tables_read_the_settings_in_the_books_order_with_the_test_selected_number_beside():
+    study = _study((12, 10))
+    assert [b["at_epochs"] for b in book.decomposition_blocks(study)] == [40, 10]  # the longest first
+    table = book.decomposition_table(study, 40)
+    assert list(table.index) == ["riftlab default", "authors' protocol", "authors' protocol, layer2.1.conv2", "BatchNorm recalibration alone"]
+    assert table.loc["authors' protocol", "chosen on test: clean"] == "+0.12 (null 0.21)"
+    assert table.loc["authors' protocol, layer2.1.conv2", "chosen on test: clean"] == "-"
+    assert table.loc["authors' protocol", "test clean"] == book.interval_text(difference_from_counts(12, 10, 10000))
+    ends = book.decomposition_end_points(study, 40)
+    assert ends.loc["BatchNorm recalibration alone", "alpha 1, val robust"] == "-3.90 [-4.50, -3.30]"
+    regimes = book.decomposition_regimes(study)
+    assert list(regimes["gap"]) == [3.5, 4.5, 1.9]
+    assert "the train-validation robust gap 4.00 against 1.90" in book.decomposition_regime_sentence(study)
+    over = book.decomposition_over_seeds(study, 40)
+    assert over.loc["authors' protocol", "test clean, pooled"] == book.interval_text(difference_from_counts(24, 20, 20000))
+    with pytest.raises(ValueError, match="no decomposition at 20 AT epochs; it has \\[40, 10\\]"):
+        book.decomposition_table(study, 20)
+
+
+def test_the_answer_calls_nothing_a_gain_inside_the_noise_and_names_what_clears():
+    quiet = book.decomposition_answer(_study((12, 10)))
+    pooled = book.interval_text(difference_from_counts(24, 20, 20000))
+    assert f"changes test accuracy by {pooled} clean" in quiet and "seeds 0, 1 pooled, 20000 paired test images" in quiet
+    assert "none clears its 95% interval" in quiet and "these clear" not in quiet
+    assert "would print a clean gain of +0.12 points (the mean over 2 seeds)" in quiet and "+0.07 on average" in quiet
+    loud = book.decomposition_answer(_study((90, 10)))  # 80 more images right of 20000: the interval clears 0
+    assert difference_from_counts(180, 20, 20000)["ci_low"] > 0
+    assert "these clear their 95% intervals: the authors' protocol, clean" in loud and "none clears" not in loud
+    assert book.decomposition_answer({}) == ""
