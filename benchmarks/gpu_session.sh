@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh study OUT   # the scale study's width-64 row, with tests/test_cuda.py beside it
 #   bash benchmarks/gpu_session.sh speed OUT   # benchmarks/gpu_check.py without its tests: riftlab vs the baseline, WRN-34-10
 #   bash benchmarks/gpu_session.sh speed2 OUT  # the CUDA-graph path: tests/test_cuda.py, then benchmarks/speed2.py (about 8 min)
+#   bash benchmarks/gpu_session.sh decomposition OUT  # what RiFT's gain is made of at width 64 (see below; about 9 min)
 #
 # `study` runs the row in the background (its wall time is therefore not a benchmark: the CUDA tests share the GPU
 # for their first minute or two) and the tests in the foreground; the row is resumable, so a second `study` call on
@@ -19,10 +20,15 @@
 # TEST_LIMIT, 150 s), then speed2.py's parts until SPEED2_BUDGET (360 s) is spent, its JSON rewritten after each part in
 # runs/speed2/ (ignored by git, so it stays on a warm machine: a second `speed2` call, with SKIP_TESTS=1, continues it)
 # and copied to OUT at the end; here it goes to benchmarks/results/. SMOKE=1 runs it all at tiny sizes on the CPU.
+# `decomposition` runs the scale study's decomposition at the paper's width on 10000 training images: 40 epochs of PGD-10
+# AT with RiFT as riftlab runs it, then the authors' protocol and BatchNorm recalibration alone (ONLY= other jobs, SEED=),
+# one after the other, resumable (a second call continues); its small files and the AT weights come back as
+# OUT/decomposition.tgz; here: `tar xzf decomposition.tgz -C .` and `python benchmarks/scale_study.py export --decomposition
+# --decomposition-at 64,10000 --at-epochs 40 --root runs/scale_study_gpu`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-what=${1:?usage: gpu_session.sh study|speed|speed2 OUT}
-out=${2:?usage: gpu_session.sh study|speed|speed2 OUT}
+what=${1:?usage: gpu_session.sh study|speed|speed2|decomposition OUT}
+out=${2:?usage: gpu_session.sh study|speed|speed2|decomposition OUT}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export RIFTLAB_DATA=${RIFTLAB_DATA:-$PWD/runs/gpu-data}
@@ -54,6 +60,21 @@ study)
     tail -n 3 "$out/runner.log"
     for log in "$root"/logs/*.log; do echo "== $log"; tail -n 15 "$log"; done
     ;;
+decomposition)
+    root=runs/scale_study_gpu
+    at=64,10000 epochs=40 seeds=0
+    [ -n "${SMOKE:-}" ] && at=16,1000 epochs=2  # the smoke's GPU configuration, on the CPU
+    [ "${SEED:-0}" != 0 ] && seeds="0,$SEED"
+    name="w${at%%,*}-n$(( ${at##*,} / 1000 ))k-e$epochs-s${SEED:-0}"
+    only=${ONLY:-$name,$name:reference,$name:bn-only}
+    timeout "${ROW_LIMIT:-540}" "$PY" benchmarks/scale_study.py run --phase 1 --decomposition --decomposition-at "$at" --at-epochs "$epochs" \
+        --decomposition-seeds "$seeds" --only "$only" --root "$root" --jobs 1 --threads 4 ${SMOKE:+--smoke} >"$out/runner.log" 2>&1
+    echo "runner exit $? after $(( $(date +%s) - started )) s"
+    for pid in "$root"/logs/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null; done  # ours, by pid file (a rerun resumes)
+    tar czf "$out/decomposition.tgz" --exclude='*/ft.pt' --exclude='*/ft_epochs.pt' --exclude='*/rift.pt' --exclude='*/progress' "$root" 2>/dev/null
+    tail -n 5 "$out/runner.log"
+    for log in "$root"/logs/*.log; do echo "== $log"; tail -n 8 "$log"; done
+    ;;
 speed)
     # Full sizes for AT and evaluation; MRC on 5000 adversarial examples (the baseline's MRC, a deep copy of the network
     # per module, would take minutes at 10000) and no baseline pipeline; the WRN-34-10 epoch on 10000 images.
@@ -78,7 +99,7 @@ speed2)
     tail -n 30 "$out/speed2.log"
     ;;
 *)
-    echo "unknown part $what: study, speed or speed2" >&2
+    echo "unknown part $what: study, speed, speed2 or decomposition" >&2
     exit 2
     ;;
 esac

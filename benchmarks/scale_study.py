@@ -72,6 +72,8 @@ KERNEL_PINS = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL
 # headline rule reads (the rule was fixed on the CPU grid before any result was seen). Measured on one H200: about
 # 7 minutes (adversarial training about 30 s per epoch of 430 batches of 128; MRC 10 s, fine-tuning 24 s, curve 8 s).
 GPU = [(64, 55000)]
+# --decomposition-at 64,10000 (benchmarks/gpu_session.sh decomposition): the paper's width on a GPU, with PGD-10 AT like GPU
+GPU_DECOMPOSITION = [(64, 10000)]
 GPU_DEVICE = "cuda"  # --smoke runs the GPU row's jobs on the CPU (the tests have no GPU)
 GPU_AT = ["--at-attack-steps", "10", "--at-attack-step", "0.025"]
 MIDDLE = (8, 10000)  # the labelled variants run here; the headline when no configuration wins
@@ -106,6 +108,7 @@ DECOMPOSITION: dict[str, tuple[str, list[str]]] = {
 DECOMPOSITION_SEEDED = ("reference", "bn-only")
 AT_EPOCHS = 10  # the study profile's adversarial training; runs of another length carry it in their name
 DECOMPOSITION_AT_EPOCHS = (10, 40)  # the AT lengths the decomposition runs at (--at-epochs)
+DECOMPOSITION_AT: tuple[int, int] | None = None  # its configuration (--decomposition-at); None: the middle one
 
 
 # --smoke: the same jobs on tiny sizes (a minute or two), to check the script itself; tests/test_scale_study.py runs it.
@@ -125,10 +128,11 @@ def run_name(width: int, train: int, seed: int, at_epochs: int | None = None) ->
     return f"w{width}-n{train // 1000}k{length}-s{seed}"
 
 
-def config_args(width: int, train: int, seed: int) -> list[str]:
+def config_args(width: int, train: int, seed: int, at: bool = True) -> list[str]:
     """The options every command of one run shares: the study profile, the width, the data, the seed and the device
-    (the GPU rows: CUDA and PGD-10 AT)."""
-    device = ["--device", GPU_DEVICE, *GPU_AT] if (width, train) in GPU else ["--device", "cpu"]
+    (the GPU rows: CUDA and, with ``at`` (the commands that train AT), PGD-10 AT)."""
+    gpu = (width, train) in GPU + GPU_DECOMPOSITION
+    device = ["--device", GPU_DEVICE, *(GPU_AT if at else [])] if gpu else ["--device", "cpu"]
     return ["--profile", "study", "--width", str(width), "--train-subset", str(train), "--seed", str(seed), *device, "--no-progress"]
 
 
@@ -161,13 +165,14 @@ def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = Tru
     name = run_name(width, train, seed, at_epochs)
     run = root / name
     common = config_args(width, train, seed)
+    later = config_args(width, train, seed, at=False)  # ablate reads AT from the run; it takes no AT options
     # an AT of another length than the study's: the rift command trains it (its lr milestones scale with the length)
     length = ["--at-epochs", str(at_epochs)] if at_epochs is not None and at_epochs != AT_EPOCHS else []
     out = [Job(name, ["rift", *common, *length, "--out", str(run), "--resume"], run / "results.json")]
     if variants:
         table = folders if folders is not None else {folder: VARIANTS[folder] for folder in variant_folders(width, train)}
         for folder, (which, extra) in table.items():
-            out.append(Job(f"{name}:{folder}", ["ablate", *common, *extra, "--out", str(run), "--name", folder,
+            out.append(Job(f"{name}:{folder}", ["ablate", *later, *extra, "--out", str(run), "--name", folder,
                                                 "--variants", which, "--resume"], run / f"{folder}.csv", [name]))
     return out
 
@@ -177,7 +182,7 @@ def decomposition_jobs(root: Path, lengths: tuple[int, ...], seeds: tuple[int, .
     :data:`DECOMPOSITION` setting, the other ``seeds`` those of :data:`DECOMPOSITION_SEEDED`. Per length, the rift runs
     come first (the long AT chains, so that they overlap the cheaper folders; at the study's own length they are the
     study's jobs), then the folders, seed by seed."""
-    width, train = MIDDLE
+    width, train = DECOMPOSITION_AT or MIDDLE
     jobs = []
     for length in lengths:
         rifts, folders = [], []
@@ -303,7 +308,7 @@ def phase2(root: Path, pick: dict[str, Any]) -> list[Job]:
         if pick["setting"] != "rift":
             which, extra = VARIANTS[pick["setting"]]
             name = run_name(width, train, seed)
-            jobs.append(Job(f"{name}:{pick['setting']}", ["ablate", *config_args(width, train, seed), *extra, "--out", str(root / name),
+            jobs.append(Job(f"{name}:{pick['setting']}", ["ablate", *config_args(width, train, seed, at=False), *extra, "--out", str(root / name),
                                                            "--name", pick["setting"], "--variants", which, "--resume"],
                             root / name / f"{pick['setting']}.csv", [name]))
     return jobs + confirmations(root, pick)
@@ -334,7 +339,7 @@ def confirmations(root: Path, pick: dict[str, Any]) -> list[Job]:
     for variant in table3_winners(_variant_rows(root / run_name(width, train, 0))):
         for seed in HEADLINE_SEEDS:
             name = run_name(width, train, seed)
-            jobs.append(Job(f"{name}:confirm-{variant}", ["ablate", *config_args(width, train, seed), "--out", str(root / name),
+            jobs.append(Job(f"{name}:confirm-{variant}", ["ablate", *config_args(width, train, seed, at=False), "--out", str(root / name),
                                                           "--name", f"confirm-{variant}", "--variants", variant, "--resume"],
                             root / name / f"confirm-{variant}.csv", [name]))
     return jobs
@@ -746,7 +751,7 @@ def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[st
 
     from riftlab.evaluation.stats import over_seeds
 
-    width, train = MIDDLE
+    width, train = DECOMPOSITION_AT or MIDDLE
     out = []
     for length in lengths:
         runs = []
@@ -821,7 +826,7 @@ def export_decomposition(root: Path, dest: Path, lengths: tuple[int, ...], seeds
     file atomically; returns the runs copied."""
     import shutil
 
-    width, train = MIDDLE
+    width, train = DECOMPOSITION_AT or MIDDLE
     ledger = _read(root / "jobs.json") or {}
     copied, entries = [], {"_threads": ledger.get("_threads"), "_sessions": ledger.get("_sessions", [])}
     for length in lengths:
@@ -945,7 +950,7 @@ def _copy_checkpoints(run: Path, dest: Path, name: str, tie_images: int, summary
 
 
 def main() -> int:
-    global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE, AT_EPOCHS, DECOMPOSITION_AT_EPOCHS  # --smoke shrinks them
+    global GRID, LARGER_DATA, MIDDLE, GPU_DEVICE, AT_EPOCHS, DECOMPOSITION_AT_EPOCHS, DECOMPOSITION_AT  # --smoke shrinks them
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("action", choices=["run", "status", "summarize", "export"],
                         help="export: copy the decomposition's finished runs to --out/decomposition_runs (with --decomposition)")
@@ -967,6 +972,9 @@ def main() -> int:
                              f"a run of another length than {AT_EPOCHS} is named like w8-n10k-e40-s0")
     parser.add_argument("--decomposition-seeds", default="0", metavar="0,1,2",
                         help=f"--decomposition: the seeds (default 0); seeds other than 0 run {', '.join(DECOMPOSITION_SEEDED)}")
+    parser.add_argument("--decomposition-at", default=None, metavar="W,N",
+                        help=f"--decomposition: its configuration, width and training images (default {MIDDLE[0]},{MIDDLE[1]}); "
+                             f"{', '.join(f'{w},{n}' for w, n in GPU_DECOMPOSITION)} runs on the GPU with PGD-10 AT")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and widths 4 and 8 on 1000 images: checks the script, not RiFT")
     args = parser.parse_args()
     if args.smoke:
@@ -974,6 +982,7 @@ def main() -> int:
         GRID, LARGER_DATA, MIDDLE = [(4, 1000), (8, 1000)], [], (8, 1000)
         AT_EPOCHS, DECOMPOSITION_AT_EPOCHS = 1, (1, 2)  # the smoke's AT is one epoch; its longer one, two
         GPU[:], GPU_DEVICE = [(16, 1000)], "cpu"  # in place: the --gpu help above already read the list
+        GPU_DECOMPOSITION[:] = [(16, 1000)]
     try:
         lengths = tuple(int(e) for e in args.at_epochs.split(",")) if args.at_epochs else DECOMPOSITION_AT_EPOCHS
     except ValueError:
@@ -981,6 +990,14 @@ def main() -> int:
     if not lengths or min(lengths) < 1 or len(set(lengths)) != len(lengths):
         raise SystemExit(f"--at-epochs: expected distinct epochs >= 1, got {args.at_epochs!r}")
     decomposition = lengths if args.decomposition else ()
+    if args.decomposition_at is not None:
+        try:
+            DECOMPOSITION_AT = tuple(int(v) for v in args.decomposition_at.split(","))
+        except ValueError:
+            DECOMPOSITION_AT = ()
+        if len(DECOMPOSITION_AT) != 2 or min(DECOMPOSITION_AT) < 1:
+            raise SystemExit(f"--decomposition-at: expected a width and a number of training images such as 64,10000, "
+                             f"got {args.decomposition_at!r}")
     try:
         seeds = tuple(int(s) for s in args.decomposition_seeds.split(","))
     except ValueError:

@@ -57,6 +57,7 @@ def test_the_tables_read_the_settings_in_the_books_order_with_the_test_selected_
     assert list(table.index) == ["riftlab default", "authors' protocol", "authors' protocol, layer2.1.conv2", "BatchNorm recalibration alone"]
     assert table.loc["authors' protocol", "chosen on test: clean"] == "+0.12 (null 0.21)"
     assert table.loc["authors' protocol, layer2.1.conv2", "chosen on test: clean"] == "-"
+    assert "module" not in table.columns  # the prose names it: the table fits the page
     assert table.loc["authors' protocol", "test clean"] == book.interval_text(difference_from_counts(12, 10, 10000))
     ends = book.decomposition_end_points(study, 40)
     assert ends.loc["BatchNorm recalibration alone", "alpha 1, val robust"] == "-3.90 [-4.50, -3.30]"
