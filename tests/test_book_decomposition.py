@@ -74,9 +74,11 @@ def test_the_answer_calls_nothing_a_gain_inside_the_noise_and_names_what_clears(
     quiet = book.decomposition_answer(_study((12, 10)))
     pooled = book.interval_text(difference_from_counts(24, 20, 20000))
     assert f"changes test accuracy by {pooled} clean" in quiet and "seeds 0, 1 pooled, 20000 paired test images" in quiet
-    assert "none clears its 95% interval" in quiet and "these clear" not in quiet
+    assert "none has a 95% interval that excludes 0" in quiet and "exclude 0:" not in quiet
     assert "would print a clean gain of +0.12 points (the mean over 2 seeds)" in quiet and "+0.07 on average" in quiet
     loud = book.decomposition_answer(_study((90, 10)))  # 80 more images right of 20000: the interval clears 0
     assert difference_from_counts(180, 20, 20000)["ci_low"] > 0
-    assert "these clear their 95% intervals: the authors' protocol, clean" in loud and "none clears" not in loud
+    assert "exclude 0: the authors' protocol, clean (a gain)" in loud and "none has" not in loud and "none is a gain" not in loud
+    lossy = book.decomposition_answer(_study((10, 90)))
+    assert "exclude 0: the authors' protocol, clean (a loss); none is a gain" in lossy
     assert book.decomposition_answer({}) == ""

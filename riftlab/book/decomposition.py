@@ -208,10 +208,14 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
                  f"{sum(gains) / len(gains):+.2f} points (the mean over {len(gains)} seed{'s' if len(gains) > 1 else ''}), where the "
                  f"same choice prints {sum(nulls) / len(nulls):+.2f} on average when nothing changed")
     if named:
-        clear = [what for what, d in named if not _within_noise(d)]
-        text += (". Of the test changes with alpha chosen by the rule, none clears its 95% interval: at this scale the study finds "
-                 "no gain under the authors' protocol either" if not clear
-                 else f". Of the test changes with alpha chosen by the rule, these clear their 95% intervals: {', '.join(clear)}")
+        clear = [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in named if not _within_noise(d)]
+        gains = [what for what, d in named if d["ci_low"] > 0]
+        if not clear:
+            text += (". Of the test changes with alpha chosen by the rule, none has a 95% interval that excludes 0: at this scale "
+                     "the study finds no gain under the authors' protocol either")
+        else:
+            text += (f". Of the test changes with alpha chosen by the rule, these have 95% intervals that exclude 0: {', '.join(clear)}"
+                     + ("" if gains else "; none is a gain"))
     return text + "."
 
 
