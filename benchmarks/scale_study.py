@@ -379,16 +379,22 @@ def _confirmation(root: Path, width: int, train: int, variant: str, seeds: list[
 # The runner
 
 
+def selected(jobs: list[Job], only: list[str]) -> list[Job]:
+    """The jobs named in ``only``, in its order: the runner starts the ready ones first to last, so that ``--only``
+    also says which of the named jobs a slot takes first (a job whose inputs are not done yet waits its turn)."""
+    return sorted([j for j in jobs if j.name in only], key=lambda j: only.index(j.name))
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
     os.replace(tmp, path)
 
 
-def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: set[str] | None = None, gpu: bool = False,
+def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: list[str] | None = None, gpu: bool = False,
         decomposition: tuple[int, ...] = (), seeds: tuple[int, ...] = (0,)) -> int:
-    """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names (their inputs must be
-    among them or already done), e.g. to continue the committed study on a machine whose runs were lost;
+    """Run the study's jobs, ``parallel`` at a time; ``only``: just the jobs of these names, in that order
+    (:func:`selected`; their inputs must be among them or already done), e.g. to continue the committed study on a machine whose runs were lost;
     ``decomposition``: also the decomposition's jobs for these AT lengths and ``seeds`` (:func:`decomposition_jobs`)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
@@ -412,7 +418,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
         jobs = grid + seed_runs + others + last
         done = {j.name for j in jobs if j.done_file.is_file()}  # before --only: a selected job's finished inputs count
         if only is not None:
-            jobs = [j for j in jobs if j.name in only]
+            jobs = selected(jobs, only)
         for name, (proc, job, started) in list(running.items()):
             if proc.poll() is None:
                 continue
@@ -455,7 +461,7 @@ def run(root: Path, parallel: int, threads: int, big: bool, phase: str, only: se
             if blocked:
                 print(f"cannot start {', '.join(blocked)}: their inputs are missing")
                 return 1
-            unplanned = sorted(only - {j.name for j in jobs}) if only is not None else []
+            unplanned = sorted(set(only) - {j.name for j in jobs}) if only is not None else []
             if phase in ("2", "all") and pick is None and (only is None or unplanned):
                 print(f"phase 1 is unfinished: the headline cannot be chosen yet{' for ' + ', '.join(unplanned) if unplanned else ''}")
                 return 1
@@ -961,7 +967,8 @@ def main() -> int:
     parser.add_argument("--phase", choices=["1", "2", "all"], default="all", help="run: the seed-0 grid, the headline's seeds, or both")
     parser.add_argument("--carry", type=Path, default=None,
                         help="summarize: a committed study.json whose runs are not under --root (lost with a machine); runs in both must agree")
-    parser.add_argument("--only", default=None, help="run: comma-separated job names (see `status`); the others are left alone")
+    parser.add_argument("--only", default=None, help="run: comma-separated job names (see `status`), started in the order given as their inputs "
+                        "allow; the others are left alone")
     parser.add_argument("--big", action="store_true", help=f"also the largest configuration(s) {BIG}")
     parser.add_argument("--gpu", action="store_true", help=f"also the GPU row(s) {GPU} (CUDA, PGD-10 AT; not read by the headline rule)")
     parser.add_argument("--tie-images", type=int, default=500, help="summarize: test images of the committed checkpoints' tie check")
@@ -1018,9 +1025,9 @@ def main() -> int:
         _write_json(args.root / "jobs.json", {**ledger, "_threads": args.threads, "_sessions": sessions})
         only = None
         if args.only is not None:
-            only = {name.strip() for name in args.only.split(",") if name.strip()}
+            only = list(dict.fromkeys(name.strip() for name in args.only.split(",") if name.strip()))
             known = {j.name for j in _all_jobs(args.root, args.big, args.gpu, decomposition, seeds)}
-            if unknown := sorted(only - known):
+            if unknown := sorted(set(only) - known):
                 raise SystemExit(f"--only: no job named {', '.join(unknown)}; the study's jobs are: {', '.join(sorted(known))}")
         return run(args.root, args.jobs, args.threads, args.big, args.phase, only, args.gpu, decomposition, seeds)
     if args.action == "status":
