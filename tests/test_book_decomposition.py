@@ -66,6 +66,8 @@ def test_the_tables_read_the_settings_in_the_books_order_with_the_test_selected_
     assert "the train-validation robust gap 4.00 against 1.90" in book.decomposition_regime_sentence(study)
     over = book.decomposition_over_seeds(study, 40)
     assert over.loc["authors' protocol", "test clean, pooled"] == book.interval_text(difference_from_counts(24, 20, 20000))
+    empty = book.decomposition_table(study, 10)  # riftlab's run alone on the shorter AT model: no setting yet
+    assert len(empty) == 0 and list(empty.columns) == list(table.columns)
     with pytest.raises(ValueError, match="no decomposition at 20 AT epochs; it has \\[40, 10\\]"):
         book.decomposition_table(study, 20)
 

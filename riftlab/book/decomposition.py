@@ -76,7 +76,9 @@ def decomposition_table(study: Mapping[str, Any], at_epochs: int, seed: int = 0)
                      "test clean": interval_text(s["validation_selected"]["clean"]),
                      "test robust": interval_text(s["validation_selected"]["robust"]),
                      "chosen on test: clean": f"{chosen['clean_gain']:+.2f} (null {chosen['null']['p95']:.2f})" if chosen else "-"})
-    return pd.DataFrame(rows).set_index("setting")
+    # an AT model with riftlab's run alone (no setting yet) gives an empty table, not a KeyError
+    columns = ["setting", "alpha", "test clean", "test robust", "chosen on test: clean"]
+    return pd.DataFrame(rows, columns=columns).set_index("setting")
 
 
 def decomposition_end_points(study: Mapping[str, Any], at_epochs: int, seed: int = 0) -> pd.DataFrame:
