@@ -84,3 +84,16 @@ def test_the_answer_calls_nothing_a_gain_inside_the_noise_and_names_what_clears(
     lossy = book.decomposition_answer(_study((10, 90)))
     assert "exclude 0: the authors' protocol, clean (a loss); none is a gain" in lossy
     assert book.decomposition_answer({}) == ""
+    assert "After 10 epochs" not in quiet  # the shorter AT model has riftlab's run alone: nothing to report for it
+
+
+def test_the_answer_gives_the_shorter_at_models_protocol_and_control_when_they_ran():
+    study = _study((12, 10))
+    short = study["decomposition"][0]["runs"][0]
+    short["settings"] = [_setting("reference", (3, 5), (4, 40)), _setting("bn-only", (2, 2), (6, 6))]
+    answer = book.decomposition_answer(study)
+    assert difference_from_counts(4, 40, 10000)["ci_high"] < 0
+    tail = answer[answer.index("After 10 epochs of AT"):]
+    assert tail.startswith(f"After 10 epochs of AT, the authors' protocol gives {book.interval_text(difference_from_counts(3, 5, 10000))} clean")
+    assert f"BatchNorm recalibration alone {book.interval_text(difference_from_counts(2, 2, 10000))}" in tail
+    assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss)." in tail

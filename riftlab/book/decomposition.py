@@ -218,6 +218,18 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
         else:
             text += (f". Of the test changes with alpha chosen by the rule, these have 95% intervals that exclude 0: {', '.join(clear)}"
                      + ("" if gains else "; none is a gain"))
+    for shorter in blocks[1:]:  # the other AT lengths, where the authors' protocol ran on them too
+        if (ref := _change(shorter, "reference")) is None:
+            continue
+        clean, robust, where = ref
+        parts = [("the authors' protocol, clean", clean), ("the authors' protocol, robust", robust)]
+        text += (f". After {shorter['at_epochs']} epochs of AT, the authors' protocol gives {interval_text(clean)} clean and "
+                 f"{interval_text(robust)} robust")
+        if (bn := _change(shorter, "bn-only")) is not None:
+            parts += [("BatchNorm alone, clean", bn[0]), ("BatchNorm alone, robust", bn[1])]
+            text += f", BatchNorm recalibration alone {interval_text(bn[0])} and {interval_text(bn[1])}"
+        clearing = [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in parts if not _within_noise(d)]
+        text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
     return text + "."
 
 
