@@ -96,4 +96,6 @@ def test_the_answer_gives_the_shorter_at_models_protocol_and_control_when_they_r
     tail = answer[answer.index("After 10 epochs of AT"):]
     assert tail.startswith(f"After 10 epochs of AT, the authors' protocol gives {book.interval_text(difference_from_counts(3, 5, 10000))} clean")
     assert f"BatchNorm recalibration alone {book.interval_text(difference_from_counts(2, 2, 10000))}" in tail
-    assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss)." in tail
+    assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss); before" in tail
+    assert ("; before interpolation, its fine-tuned model (alpha 1) changes validation accuracy by +0.00 [-0.10, +0.10] clean and "
+            "-3.90 [-4.50, -3.30] robust, BatchNorm recalibration alone by +0.00 [-0.10, +0.10] and -3.90 [-4.50, -3.30] (seed 0).") in tail

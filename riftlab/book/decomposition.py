@@ -230,6 +230,12 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
             text += f", BatchNorm recalibration alone {interval_text(bn[0])} and {interval_text(bn[1])}"
         clearing = [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in parts if not _within_noise(d)]
         text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
+        ends = {k: v["end_point"] for k, v in _settings(_runs(shorter)[0]).items() if v.get("end_point")}
+        if "reference" in ends:  # what the rule turned down there, which can dwarf the longer model's
+            text += (f"; before interpolation, its fine-tuned model (alpha 1) changes validation accuracy by "
+                     f"{interval_text(ends['reference']['clean'])} clean and {interval_text(ends['reference']['robust'])} robust"
+                     + (f", BatchNorm recalibration alone by {interval_text(ends['bn-only']['clean'])} and "
+                        f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
     return text + "."
 
 
