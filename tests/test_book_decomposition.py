@@ -99,3 +99,21 @@ def test_the_answer_gives_the_shorter_at_models_protocol_and_control_when_they_r
     assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss); before" in tail
     assert ("; before interpolation, its fine-tuned model (alpha 1) changes validation accuracy by +0.00 [-0.10, +0.10] clean and "
             "-3.90 [-4.50, -3.30] robust, BatchNorm recalibration alone by +0.00 [-0.10, +0.10] and -3.90 [-4.50, -3.30] (seed 0).") in tail
+
+
+def test_the_readme_gives_the_committed_decomposition_numbers():
+    """The README's decomposition paragraph quotes the committed study: the authors' protocol and its BatchNorm control,
+    pooled over the seeds that ran, at the longest AT length."""
+    import json
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    study = json.loads((repo / "results" / "scale_study" / "study.json").read_text())
+    readme = " ".join((repo / "README.md").read_text().split())
+    block = book.decomposition_blocks(study)[0]
+    for setting in ("reference", "bn-only"):
+        pooled = next(p for p in block["over_seeds"] if p["setting"] == setting)
+        seeds = pooled["seeds"]
+        assert f"seeds {', '.join(str(s) for s in seeds[:-1])} and {seeds[-1]} pooled ({pooled['clean']['pooled']['n']} paired test" in readme
+        for kind in ("clean", "robust"):
+            assert book.interval_text(pooled[kind]["pooled"]) in readme, (setting, kind)
