@@ -166,6 +166,23 @@ def _within_noise(d: Mapping[str, Any]) -> bool:
     return d["ci_low"] <= 0 <= d["ci_high"]
 
 
+def _clearing(named: list[tuple[str, Mapping[str, Any]]]) -> list[str]:
+    """The named changes whose 95% interval excludes 0, each marked a gain or a loss."""
+    return [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in named if not _within_noise(d)]
+
+
+def _end_points_text(block: Mapping[str, Any]) -> str:
+    """Seed 0's fine-tuned end points (alpha 1, validation) of the authors' protocol and of BatchNorm recalibration
+    alone, as the answer phrases them; empty when the authors' protocol did not run on this AT model."""
+    ends = {k: v["end_point"] for k, v in _settings(_runs(block)[0]).items() if v.get("end_point")}
+    if "reference" not in ends:
+        return ""
+    return (f"changes validation accuracy by {interval_text(ends['reference']['clean'])} clean and "
+            f"{interval_text(ends['reference']['robust'])} robust"
+            + (f", BatchNorm recalibration alone by {interval_text(ends['bn-only']['clean'])} and "
+               f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
+
+
 def decomposition_answer(study: Mapping[str, Any]) -> str:
     """The decomposition's answer in one paragraph, written from its numbers: under the authors' protocol with the
     longest AT, RiFT's test change with its interval; what BatchNorm recalibration alone gives; what the paper's module
@@ -197,12 +214,8 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
         named += [("the paper's module, clean", clean), ("the paper's module, robust", robust)]
         text += (f"; at the paper's module, layer2.1.conv2, the authors' protocol gives {interval_text(clean)} clean and "
                  f"{interval_text(robust)} robust (seed 0)")
-    ends = {k: v["end_point"] for k, v in _settings(_runs(block)[0]).items() if v.get("end_point")}
-    if "reference" in ends:
-        text += (f". Before interpolation, the authors' fine-tuned model itself (alpha 1) changes validation accuracy by "
-                 f"{interval_text(ends['reference']['clean'])} clean and {interval_text(ends['reference']['robust'])} robust"
-                 + (f", BatchNorm recalibration alone by {interval_text(ends['bn-only']['clean'])} and "
-                    f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
+    if ends := _end_points_text(block):
+        text += f". Before interpolation, the authors' fine-tuned model itself (alpha 1) {ends}"
     chosen = [s["test_selected"] for r in _runs(block) for s in r["settings"] if s["setting"] == "reference" and s.get("test_selected")]
     if chosen:
         gains, nulls = [c["clean_gain"] for c in chosen], [c["null"]["mean"] for c in chosen]
@@ -210,7 +223,7 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
                  f"{sum(gains) / len(gains):+.2f} points (the mean over {len(gains)} seed{'s' if len(gains) > 1 else ''}), where the "
                  f"same choice prints {sum(nulls) / len(nulls):+.2f} on average when nothing changed")
     if named:
-        clear = [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in named if not _within_noise(d)]
+        clear = _clearing(named)
         gains = [what for what, d in named if d["ci_low"] > 0]
         if not clear:
             text += (". Of the test changes with alpha chosen by the rule, none has a 95% interval that excludes 0: at this scale "
@@ -228,14 +241,10 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
         if (bn := _change(shorter, "bn-only")) is not None:
             parts += [("BatchNorm alone, clean", bn[0]), ("BatchNorm alone, robust", bn[1])]
             text += f", BatchNorm recalibration alone {interval_text(bn[0])} and {interval_text(bn[1])}"
-        clearing = [f"{what} ({'a gain' if d['ci_low'] > 0 else 'a loss'})" for what, d in parts if not _within_noise(d)]
+        clearing = _clearing(parts)
         text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
-        ends = {k: v["end_point"] for k, v in _settings(_runs(shorter)[0]).items() if v.get("end_point")}
-        if "reference" in ends:  # what the rule turned down there, which can dwarf the longer model's
-            text += (f"; before interpolation, its fine-tuned model (alpha 1) changes validation accuracy by "
-                     f"{interval_text(ends['reference']['clean'])} clean and {interval_text(ends['reference']['robust'])} robust"
-                     + (f", BatchNorm recalibration alone by {interval_text(ends['bn-only']['clean'])} and "
-                        f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
+        if ends := _end_points_text(shorter):  # what the rule turned down there, which can dwarf the longer model's
+            text += f"; before interpolation, its fine-tuned model (alpha 1) {ends}"
     return text + "."
 
 
