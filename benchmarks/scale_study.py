@@ -20,9 +20,12 @@ fine-tuning is run again as labelled `riftlab ablate` folders beside the run (:d
 (frozen BatchNorm), the reference code's protocol at MRC's least critical module and at the paper's ``layer2.1.conv2``,
 and BatchNorm recalibration alone (the reference schedule, no weight trained). Every one of them also reports what the
 reference code's choice on test (best test epoch, then alpha on the test curve) would print, beside a zero-effect
-sign-flip null of that choice. ``summarize --decomposition`` adds them to study.json as ``decomposition``::
+sign-flip null of that choice. ``summarize --decomposition`` adds them to study.json as ``decomposition``, one block per
+configuration and AT length, the middle configuration first (``--decomposition-at 16,10000`` runs it at twice the width;
+summarize and export take every configuration that has runs, and keep the carried study's blocks of the others)::
 
     python benchmarks/scale_study.py run --decomposition --jobs 2
+    python benchmarks/scale_study.py run --decomposition --decomposition-at 16,10000 --jobs 2
 
 The width-64 row (``--gpu``: the paper's ResNet-18 on all 55000 training images, PGD-10 AT) needs a GPU. It ran on one
 H200 (2026-12-04) through ``benchmarks/gpu_session.sh study OUT`` (its header says how the data travels and how the
@@ -108,7 +111,18 @@ DECOMPOSITION: dict[str, tuple[str, list[str]]] = {
 DECOMPOSITION_SEEDED = ("reference", "bn-only")
 AT_EPOCHS = 10  # the study profile's adversarial training; runs of another length carry it in their name
 DECOMPOSITION_AT_EPOCHS = (10, 40)  # the AT lengths the decomposition runs at (--at-epochs)
-DECOMPOSITION_AT: tuple[int, int] | None = None  # its configuration (--decomposition-at); None: the middle one
+DECOMPOSITION_AT: tuple[int, int] | None = None  # the configuration `run` runs it at (--decomposition-at); None: the middle one
+# Where it runs on the CPU: the middle configuration (the one the book leads with, three seeds at the longer AT) and twice
+# its width (seed 0). A width-16 folder costs about three times a width-8 one, and half of a width-8 folder (16 of 31
+# minutes) is the report of what choosing on test would print (eleven attacked passes over the test split), so the
+# wider configurations' folders skip that report (--no-report-test-selection): the middle configuration's seven reports
+# measure it. `summarize` and `export` take every configuration listed here, and of GPU_DECOMPOSITION, that has runs.
+DECOMPOSITION_WIDER = [(16, 10000)]
+
+
+def decomposition_configurations() -> list[tuple[int, int]]:
+    """The (width, training images) the decomposition may have run at, the one the book leads with first."""
+    return list(dict.fromkeys([MIDDLE, *DECOMPOSITION_WIDER, *GPU_DECOMPOSITION]))
 
 
 # --smoke: the same jobs on tiny sizes (a minute or two), to check the script itself; tests/test_scale_study.py runs it.
@@ -180,16 +194,19 @@ def jobs_for(root: Path, width: int, train: int, seed: int, variants: bool = Tru
 def decomposition_jobs(root: Path, lengths: tuple[int, ...], seeds: tuple[int, ...] = (0,)) -> list[Job]:
     """The decomposition at the middle configuration for each AT length in ``lengths``: seed 0 runs every
     :data:`DECOMPOSITION` setting, the other ``seeds`` those of :data:`DECOMPOSITION_SEEDED`. Per length, the rift runs
-    come first (the long AT chains, so that they overlap the cheaper folders; at the study's own length they are the
-    study's jobs), then the folders, seed by seed."""
+    come first (the long AT chains, so that they overlap the cheaper folders; at the study's own length on a grid
+    configuration they are the study's jobs), then the folders, seed by seed."""
     width, train = DECOMPOSITION_AT or MIDDLE
     jobs = []
     for length in lengths:
         rifts, folders = [], []
         for seed in seeds:
             table = DECOMPOSITION if seed == 0 else {k: DECOMPOSITION[k] for k in DECOMPOSITION_SEEDED}
+            if (width, train) in DECOMPOSITION_WIDER:  # no test-selection report there (see DECOMPOSITION_WIDER)
+                table = {k: (v, [o for o in opts if o != "--report-test-selection"] + ["--no-report-test-selection"])
+                         for k, (v, opts) in table.items()}
             rift, *mine = jobs_for(root, width, train, seed, at_epochs=length, folders=table)
-            rifts += [rift] if length != AT_EPOCHS else []
+            rifts += [rift] if length != AT_EPOCHS or (width, train) not in GRID else []
             folders += mine
         jobs += rifts + folders
     return jobs
@@ -214,7 +231,8 @@ def phase1(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, .
     rifts = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in order]
     others = [jobs_for(root, w, n, 0, variants=False)[0] for w, n in configurations(big, gpu) if (w, n) not in GRID]
     variants = [j for w, n in configurations(big) for j in jobs_for(root, w, n, 0)[1:]]
-    return rifts, others + variants + decomposition_jobs(root, decomposition, seeds)
+    planned = {j.name for j in rifts + others}  # a wider configuration's own run is --big's job when --big is given
+    return rifts, others + variants + [j for j in decomposition_jobs(root, decomposition, seeds) if j.name not in planned]
 
 
 def _read(path: Path) -> dict[str, Any] | None:
@@ -661,7 +679,8 @@ def summarize(root: Path, out: Path, big: bool, tie_images: int, carry: Path | N
                        **({"carried": source} if carry is not None else {})},
         "trend": runs, "headline": None}
     if decomposition:
-        summary["decomposition"] = _decomposition_summary(root, decomposition, ledger, seeds)
+        summary["decomposition"] = _with_carried_blocks(_decomposition_summary(root, decomposition, ledger, seeds),
+                                                        before.get("decomposition") or [])
     elif "decomposition" in before:
         summary["decomposition"] = before["decomposition"]
     if pick is not None:
@@ -747,7 +766,8 @@ def _pooled_counts(rows: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[str, Any],
                            seeds: tuple[int, ...] = (0,)) -> list[dict[str, Any]]:
-    """Per AT length, the middle configuration's runs of every seed in ``seeds`` that finished: each AT model's test
+    """Per configuration (:func:`decomposition_configurations`, those with runs) and AT length, one block (naming its
+    width and training images) of the runs of every seed in ``seeds`` that finished: each AT model's test
     accuracies and regime (:func:`_at_regime`), RiFT as the study runs it, and each :data:`DECOMPOSITION` folder's row:
     its validation-selected test change against AT (paired 95% intervals), the fine-tuned end point (alpha 1,
     validation), and what the reference code's choice on test reports with its zero-effect null. ``over_seeds``: for
@@ -757,9 +777,8 @@ def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[st
 
     from riftlab.evaluation.stats import over_seeds
 
-    width, train = DECOMPOSITION_AT or MIDDLE
     out = []
-    for length in lengths:
+    for (width, train), length in ((c, e) for c in decomposition_configurations() for e in lengths):
         runs = []
         for seed in seeds:
             name = run_name(width, train, seed, length)
@@ -812,10 +831,21 @@ def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[st
                                      "pooled": _pooled_counts(rows, k)} for k in ("clean", "robust")}})
         first = runs[0]
         # seed 0's fields at the top level, as before the seeds: one AT length, one block
-        out.append({"name": first["name"], "at_epochs": first["at_epochs"], "module": first["module"], "alpha": first["alpha"],
+        out.append({"name": first["name"], "width": width, "train": train, "at_epochs": first["at_epochs"], "module": first["module"], "alpha": first["alpha"],
                     "at": first["at"], "rift": first["rift"], "settings": first["settings"], "regime": first["regime"],
                     "runs": runs, "over_seeds": pooled})
     return out
+
+
+def _with_carried_blocks(fresh: list[dict[str, Any]], before: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``fresh`` blocks, and those of ``before`` (the carried study's) of a configuration and AT length that ``fresh``
+    lacks (runs kept under another root, e.g. the GPU's), in :func:`decomposition_configurations` order."""
+    key = lambda b: (b.get("width"), b.get("train"), b["at_epochs"])  # noqa: E731
+    have = {key(b) for b in fresh}
+    blocks = fresh + [b for b in before if b.get("width") is not None and key(b) not in have]
+    order = decomposition_configurations()
+    rank = lambda b: order.index((b["width"], b["train"])) if (b["width"], b["train"]) in order else len(order)  # noqa: E731
+    return sorted(blocks, key=rank)  # stable: each configuration's AT lengths keep their order
 
 
 # What `export --decomposition` commits of each run: what the summary reads, the AT weights and per-image results (small
@@ -828,14 +858,20 @@ _EXPORT_FOLDER = ("interpolation.csv", "test_selection.json")
 def export_decomposition(root: Path, dest: Path, lengths: tuple[int, ...], seeds: tuple[int, ...]) -> list[str]:
     """Copy the decomposition's finished runs from ``root`` to ``dest`` (one folder per run, :data:`_EXPORT_RUN` and
     each setting's rows, curves, test-selection reports and fine-tuning histories), with the runner's ledger entries
-    for them and its sessions (``dest/jobs.json``), so that the summary can be rebuilt from ``dest`` alone. Writes each
-    file atomically; returns the runs copied."""
+    for them and its sessions merged into ``dest/jobs.json``, so that the summary can be rebuilt from ``dest`` alone.
+    Every configuration of :func:`decomposition_configurations` with runs in ``root`` is copied. Writes each file
+    atomically; returns the runs copied."""
     import shutil
 
-    width, train = DECOMPOSITION_AT or MIDDLE
     ledger = _read(root / "jobs.json") or {}
-    copied, entries = [], {"_threads": ledger.get("_threads"), "_sessions": ledger.get("_sessions", [])}
-    for length in lengths:
+    # merged into what dest already holds (another root's runs, e.g. the GPU's, stay); a job run with another number
+    # of threads per job than dest's first runs says so in its own entry
+    entries = _read(dest / "jobs.json") or {}
+    threads = entries.setdefault("_threads", ledger.get("_threads"))
+    sessions = entries.setdefault("_sessions", [])
+    sessions += [s for s in ledger.get("_sessions", []) if s not in sessions]
+    copied = []
+    for (width, train), length in ((c, e) for c in decomposition_configurations() for e in lengths):
         for seed in seeds:
             name = run_name(width, train, seed, length)
             run = root / name
@@ -853,7 +889,8 @@ def export_decomposition(root: Path, dest: Path, lengths: tuple[int, ...], seeds
                 tmp = target.with_name(target.name + ".tmp")
                 shutil.copyfile(f, tmp)
                 tmp.replace(target)
-            entries.update({k: v for k, v in ledger.items() if k == name or k.startswith(name + ":")})
+            entries.update({k: v if ledger.get("_threads") == threads else {**v, "threads": ledger.get("_threads")}
+                            for k, v in ledger.items() if k == name or k.startswith(name + ":")})
             copied.append(name)
     _write_json(dest / "jobs.json", entries)
     return copied
@@ -1005,6 +1042,8 @@ def main() -> int:
         if len(DECOMPOSITION_AT) != 2 or min(DECOMPOSITION_AT) < 1:
             raise SystemExit(f"--decomposition-at: expected a width and a number of training images such as 64,10000, "
                              f"got {args.decomposition_at!r}")
+        if DECOMPOSITION_AT not in decomposition_configurations():
+            DECOMPOSITION_WIDER.append(DECOMPOSITION_AT)  # summarize and export take it too
     try:
         seeds = tuple(int(s) for s in args.decomposition_seeds.split(","))
     except ValueError:

@@ -180,9 +180,10 @@ def _ft_options(p: argparse.ArgumentParser, prefix: str = "", module: bool = Tru
     g.add_argument("--bn-recalibration-only", action="store_true", default=None,
                    help="the control: the same schedule in train mode with no weight trained, so only BatchNorm's running "
                         "statistics move (needs --update-bn-stats or --protocol reference)")
-    g.add_argument("--report-test-selection", action="store_true", default=None,
+    g.add_argument("--report-test-selection", action=argparse.BooleanOptionalAction, default=None,
                    help="also report what choosing the fine-tuning epoch and alpha on test (the reference code's way) would give, "
-                        "and what that choice gives when there is no effect (about 10 more attacked passes over the test split)")
+                        "and what that choice gives when there is no effect (about 10 more attacked passes over the test split); "
+                        "--protocol reference turns it on, --no-report-test-selection off")
 
 
 def _interpolation_options(p: argparse.ArgumentParser) -> None:

@@ -116,3 +116,43 @@ def test_the_readme_gives_the_committed_decomposition_numbers():
         assert f"seeds {', '.join(str(s) for s in seeds[:-1])} and {seeds[-1]} pooled ({pooled['clean']['pooled']['n']} paired test" in readme
         for kind in ("clean", "robust"):
             assert book.interval_text(pooled[kind]["pooled"]) in readme, (setting, kind)
+
+
+def _with_width_16(study: dict) -> dict:
+    """The study with width-8 blocks (the lead) and a width-16 configuration, seed 0 only: its 40-epoch model with the
+    authors' protocol and BatchNorm alone, its 10-epoch model with RiFT alone."""
+    for b in study["decomposition"]:
+        b.update(width=8, train=10000)
+    wide = copy.deepcopy(study["decomposition"])
+    for b in wide:
+        b.update(width=16, runs=b["runs"][:1], over_seeds=[], name=b["name"].replace("w8", "w16"))
+    wide[1]["runs"][0]["settings"] = [_setting("reference", (1, 1), (3, 60)), _setting("bn-only", (2, 2), (4, 4))]
+    wide[1]["runs"][0]["regime"] = {**wide[1]["runs"][0]["regime"], "gap": 5.25}
+    study["decomposition"] += wide
+    return study
+
+
+def test_a_second_width_is_read_only_when_named_and_joins_the_answer_and_the_width_table():
+    study = _with_width_16(_study((12, 10)))
+    assert book.decomposition_widths(study) == [8, 16]
+    lead = book.decomposition_table(study, 40)  # the lead width unless another is named
+    assert lead.loc["authors' protocol", "test robust"] == book.interval_text(difference_from_counts(10, 10, 10000))
+    wide = book.decomposition_table(study, 40, width=16)
+    assert wide.loc["authors' protocol", "test robust"] == book.interval_text(difference_from_counts(3, 60, 10000))
+    assert list(book.decomposition_regimes(study)["gap"]) == [3.5, 4.5, 1.9]  # the lead's regimes only
+    assert list(book.decomposition_regimes(study, 16)["gap"]) == [5.25, 1.9]
+    with pytest.raises(ValueError, match="no decomposition at width 32; it has \\[8, 16\\]"):
+        book.decomposition_blocks(study, 32)
+    table = book.decomposition_across_widths(study)
+    assert list(table.index) == [(8, 40), (8, 10), (16, 40), (16, 10)]
+    assert table.loc[(16, 40), "authors' protocol: robust"] == book.interval_text(difference_from_counts(3, 60, 10000))
+    assert table.loc[(16, 40), "authors' alpha 1: val robust"] == "-3.90 [-4.50, -3.30]" and table.loc[(16, 10), "gap"] == 1.9
+    assert table.loc[(16, 10), "authors' protocol: clean"] == "-"  # RiFT alone on that model
+    answer = book.decomposition_answer(study)
+    tail = answer[answer.index("At width 16, "):]
+    assert tail.startswith("At width 16, after 40 epochs of AT (train-validation robust gap 5.2), the authors' protocol gives "
+                           f"{book.interval_text(difference_from_counts(1, 1, 10000))} clean and "
+                           f"{book.interval_text(difference_from_counts(3, 60, 10000))} robust")
+    assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss); before interpolation" in tail
+    assert "after 10 epochs" not in tail  # RiFT alone there: nothing of the authors' protocol to report
+    assert answer[:answer.index(" At width 16")] == book.decomposition_answer(_study((12, 10)))  # the lead's text unchanged

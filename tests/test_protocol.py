@@ -28,6 +28,8 @@ def test_the_reference_protocol_sets_what_the_reference_code_does_and_riftlabs_s
     ref = _cfg("rift", "--profile", "study", "--protocol", "reference")
     assert (ref.ft_protocol, ref.update_bn_stats, ref.alphas, ref.report_test_selection) == ("reference", True, DEFAULT_ALPHAS, True)
     assert (ref.ft_epochs, ref.ft_lr, ref.batch_size) == (10, 0.001, 128)  # the paper's schedule, as the reference code's
+    quiet = _cfg("ablate", "--profile", "study", "--protocol", "reference", "--no-report-test-selection")  # the protocol, no test report
+    assert (quiet.ft_protocol, quiet.update_bn_stats, quiet.report_test_selection) == ("reference", True, False)
     default = _cfg("rift", "--profile", "study")
     assert (default.ft_protocol, default.update_bn_stats, default.report_test_selection) == ("riftlab", False, False)
     assert default.alphas == PROFILES["study"]["alphas"] and not default.bn_recalibration_only

@@ -380,7 +380,7 @@ def test_the_decomposition_is_what_its_committed_run_files_give(study):
     assert blocks, "study.json has no decomposition: benchmarks/scale_study.py summarize --decomposition"
     root = REPO / "results" / "scale_study" / "decomposition_runs"
     script = _script_module()
-    lengths = tuple(b["at_epochs"] for b in blocks)
+    lengths = tuple(dict.fromkeys(b["at_epochs"] for b in blocks))  # each configuration's AT lengths, in order
     seeds = tuple(sorted({r["seed"] for b in blocks for r in b["runs"]}))
     again = script._decomposition_summary(root, lengths, json.loads((root / "jobs.json").read_text()), seeds)
     assert json.loads(json.dumps(again)) == blocks
@@ -392,6 +392,45 @@ def test_the_decomposition_is_what_its_committed_run_files_give(study):
                     redone = difference_from_counts(c["gained"], c["lost"], c["n"])
                     assert (redone["ci_low"], redone["ci_high"]) == pytest.approx((d["ci_low"], d["ci_high"]), abs=1e-6)
                     assert 100 * (c["gained"] - c["lost"]) / c["n"] == pytest.approx(d["diff"], abs=1e-6)
+
+
+def test_the_decomposition_at_a_wider_configuration_plans_its_own_run_once_and_joins_the_summary(tmp_path):
+    """--decomposition-at 16,10000: the wider configuration's 10-epoch run is planned with its folders (without --big,
+    which plans it as the grid's job, it would be missing; with it, it is not planned twice); summarize keeps a carried
+    configuration's blocks that this root lacks, in the configurations' order; export merges into what is committed."""
+    script = _script_module()
+    script.DECOMPOSITION_AT = (16, 10000)
+    try:
+        jobs = [j.name for j in script.decomposition_jobs(tmp_path, (40, 10))]
+        assert jobs[0] == "w16-n10k-e40-s0" and jobs.index("w16-n10k-s0") < jobs.index("w16-n10k-s0:reference")
+        planned = {j.name: j.args for j in script.decomposition_jobs(tmp_path, (40, 10))}
+        assert all("--no-report-test-selection" in planned[f"w16-n10k-s0:{s}"] for s in ("reference", "bn-only", "frozen-bn"))
+        assert "--report-test-selection" not in planned["w16-n10k-s0:frozen-bn"]
+        assert "--protocol" in planned["w16-n10k-e40-s0:bn-only"] and "--bn-recalibration-only" in planned["w16-n10k-e40-s0:bn-only"]
+        for big in (False, True):
+            core, extra = script.phase1(tmp_path, big=big, decomposition=(40, 10))
+            names = [j.name for j in core + extra]
+            assert names.count("w16-n10k-s0") == 1 and names.count("w16-n10k-e40-s0") == 1
+    finally:
+        script.DECOMPOSITION_AT = None
+    assert script.decomposition_configurations()[:2] == [(8, 10000), (16, 10000)]  # the book's lead first
+    block = lambda w, e, tag: {"width": w, "train": 10000, "at_epochs": e, "tag": tag}  # noqa: E731
+    fresh = [block(16, 40, "new"), block(16, 10, "new")]
+    before = [block(8, 40, "old"), block(8, 10, "old"), block(16, 40, "old"), {"at_epochs": 40, "tag": "no width"}]
+    merged = script._with_carried_blocks(fresh, before)
+    assert [(b["width"], b["at_epochs"], b["tag"]) for b in merged] == [(8, 40, "old"), (8, 10, "old"), (16, 40, "new"), (16, 10, "new")]
+    # export from a second root (its own threads) into a destination that already holds the first root's runs
+    for root, threads, width in ((tmp_path / "cpu", 1, 8), (tmp_path / "gpu", 4, 16)):
+        run = root / script.run_name(width, 10000, 0, 40)
+        run.mkdir(parents=True)
+        (run / "results.json").write_text("{}")
+        script._write_json(root / "jobs.json", {"_threads": threads, "_sessions": [{"root": root.name}],
+                                                run.name: {"command": ["riftlab", "rift"], "wall_s_total": 1.0}})
+        assert script.export_decomposition(root, tmp_path / "out", (40,), (0,)) == [run.name]
+    ledger = json.loads((tmp_path / "out" / "jobs.json").read_text())
+    assert ledger["_threads"] == 1 and ledger["_sessions"] == [{"root": "cpu"}, {"root": "gpu"}]
+    assert "threads" not in ledger["w8-n10k-e40-s0"] and ledger["w16-n10k-e40-s0"]["threads"] == 4
+    assert (tmp_path / "out" / "w8-n10k-e40-s0" / "results.json").is_file()  # the first root's run is still there
 
 
 def test_only_runs_the_named_jobs_in_the_order_given(tmp_path):

@@ -24,7 +24,8 @@ from __future__ import annotations
 from .artifacts import artifact_dir, artifact_path, code_version, load_or_compute, state_hash
 from .chapters import (ALL_LAYERS, chapter_config, class_names, comparison, config_summary, evaluation, finetuned, load_data, loaders,
                        mrc_table, rift, trained_models)
-from .decomposition import (SETTING_LABELS, decomposition_answer, decomposition_blocks, decomposition_end_points, decomposition_over_seeds,
+from .decomposition import (SETTING_LABELS, decomposition_across_widths, decomposition_answer, decomposition_blocks, decomposition_end_points,
+                            decomposition_over_seeds, decomposition_widths,
                             decomposition_regime_sentence, decomposition_regimes, decomposition_selection_sentence, decomposition_table,
                             plot_decomposition)
 from .figures import plot_attacks
@@ -48,7 +49,7 @@ __all__ = [
     "study_models", "study_trend", "VARIANT_LABELS", "study_variants", "study_headline", "study_summary_sentence", "plot_study_trend",
     "plot_study_mrc", "study_table3", "TABLE3_LABELS", "study_confirmations", "study_confirmation_sentence", "study_tie_check",
     # decomposition
-    "SETTING_LABELS", "decomposition_blocks", "decomposition_regimes", "decomposition_regime_sentence", "decomposition_table",
+    "SETTING_LABELS", "decomposition_widths", "decomposition_blocks", "decomposition_across_widths", "decomposition_regimes", "decomposition_regime_sentence", "decomposition_table",
     "decomposition_end_points", "decomposition_over_seeds", "plot_decomposition", "decomposition_selection_sentence",
     "decomposition_answer",
 ]

@@ -5,6 +5,10 @@ Each AT length of the block holds, per seed, the AT model's regime (how far its 
 ran ahead of validation), RiFT as riftlab runs it, and the labelled fine-tuning settings: the authors' protocol at MRC's
 least critical module and at the paper's module, BatchNorm recalibration alone, and riftlab's default with the
 test-selected number beside it. Every function here reads that block and nothing else.
+
+The block may hold several configurations (network widths), each block naming its ``width``: the first in the study is
+the one the book leads with (the scale study's middle configuration, the one run on several seeds), and every
+function reads that one unless given another ``width``.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import pandas as pd
 
 from .study import interval_text
 
-__all__ = ["SETTING_LABELS", "decomposition_blocks", "decomposition_regimes", "decomposition_table", "decomposition_end_points",
+__all__ = ["SETTING_LABELS", "decomposition_widths", "decomposition_blocks", "decomposition_across_widths", "decomposition_regimes", "decomposition_table", "decomposition_end_points",
            "decomposition_over_seeds", "plot_decomposition", "decomposition_selection_sentence", "decomposition_regime_sentence",
            "decomposition_answer"]
 
@@ -25,29 +29,44 @@ SETTING_LABELS = {"frozen-bn": "riftlab default", "reference": "authors' protoco
 _ORDER = ("frozen-bn", "reference", "reference-paper", "bn-only")
 
 
-def decomposition_blocks(study: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The study's decomposition blocks, one per AT length, the longest first; empty when it has none."""
-    return sorted(study.get("decomposition") or [], key=lambda b: -b["at_epochs"])
+def decomposition_widths(study: Mapping[str, Any]) -> list[int | None]:
+    """The widths the decomposition ran at, in the study's order: the first is the one the book leads with. A block
+    summarised before widths were recorded has width None (the study then has that one configuration)."""
+    return list(dict.fromkeys(b.get("width") for b in study.get("decomposition") or []))
 
 
-def _block(study: Mapping[str, Any], at_epochs: int) -> Mapping[str, Any]:
-    for block in decomposition_blocks(study):
+def decomposition_blocks(study: Mapping[str, Any], width: int | None = None) -> list[Mapping[str, Any]]:
+    """The decomposition blocks of one width (default: the lead one, :func:`decomposition_widths`), one per AT length,
+    the longest first; empty when the study has none."""
+    widths = decomposition_widths(study)
+    if not widths:
+        return []
+    if width is None:
+        width = widths[0]
+    elif width not in widths:
+        raise ValueError(f"the study has no decomposition at width {width}; it has {widths}")
+    return sorted((b for b in study["decomposition"] if b.get("width") == width), key=lambda b: -b["at_epochs"])
+
+
+def _block(study: Mapping[str, Any], at_epochs: int, width: int | None = None) -> Mapping[str, Any]:
+    for block in decomposition_blocks(study, width):
         if block["at_epochs"] == at_epochs:
             return block
-    lengths = [b["at_epochs"] for b in decomposition_blocks(study)]
-    raise ValueError(f"the study has no decomposition at {at_epochs} AT epochs; it has {lengths or 'none'}")
+    lengths = [b["at_epochs"] for b in decomposition_blocks(study, width)]
+    raise ValueError(f"the study has no decomposition at {at_epochs} AT epochs"
+                     + (f" at width {width}" if width is not None else "") + f"; it has {lengths or 'none'}")
 
 
 def _runs(block: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return block.get("runs") or [block]  # a block summarised before seeds were planned is its seed 0
 
 
-def decomposition_regimes(study: Mapping[str, Any]) -> pd.DataFrame:
+def decomposition_regimes(study: Mapping[str, Any], width: int | None = None) -> pd.DataFrame:
     """One row per AT model of the decomposition (AT length, seed): its test accuracies and how far its robust accuracy
     on the training images (the training attack, averaged over the last epoch) ran ahead of validation (the evaluation
     attack, at the end): the gap that grows with robust overfitting."""
     rows = []
-    for block in decomposition_blocks(study):
+    for block in decomposition_blocks(study, width):
         for r in _runs(block):
             g = r["regime"]
             rows.append({"AT epochs": block["at_epochs"], "seed": r.get("seed", 0), "test clean": r["at"]["clean"], "test robust": r["at"]["robust"],
@@ -59,12 +78,12 @@ def _settings(run: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     return {s["setting"]: s for s in run["settings"]}
 
 
-def decomposition_table(study: Mapping[str, Any], at_epochs: int, seed: int = 0) -> pd.DataFrame:
+def decomposition_table(study: Mapping[str, Any], at_epochs: int, seed: int = 0, width: int | None = None) -> pd.DataFrame:
     """One AT model's settings (:data:`SETTING_LABELS`; the module each trained is MRC's least critical one, the run's
     ``module``, except at the paper's module), each with what riftlab reports for it: the alpha chosen on
     validation and its test change against AT (paired 95% intervals), and the number the reference code's choice on
     test would print (its clean gain; the gain that choice makes when nothing changed, 95th percentile)."""
-    run = next(r for r in _runs(_block(study, at_epochs)) if r.get("seed", 0) == seed)
+    run = next(r for r in _runs(_block(study, at_epochs, width)) if r.get("seed", 0) == seed)
     settings = _settings(run)
     rows = []
     for key in _ORDER:
@@ -81,10 +100,10 @@ def decomposition_table(study: Mapping[str, Any], at_epochs: int, seed: int = 0)
     return pd.DataFrame(rows, columns=columns).set_index("setting")
 
 
-def decomposition_end_points(study: Mapping[str, Any], at_epochs: int, seed: int = 0) -> pd.DataFrame:
+def decomposition_end_points(study: Mapping[str, Any], at_epochs: int, seed: int = 0, width: int | None = None) -> pd.DataFrame:
     """What each setting's fine-tuning does by itself: the fine-tuned model (alpha 1) against AT on validation, clean and
     robust, with the curve's paired 95% intervals; shown where the rule keeps alpha 0 too."""
-    run = next(r for r in _runs(_block(study, at_epochs)) if r.get("seed", 0) == seed)
+    run = next(r for r in _runs(_block(study, at_epochs, width)) if r.get("seed", 0) == seed)
     settings = _settings(run)
     rows = []
     for key in _ORDER:
@@ -95,12 +114,12 @@ def decomposition_end_points(study: Mapping[str, Any], at_epochs: int, seed: int
     return pd.DataFrame(rows).set_index("setting")
 
 
-def decomposition_over_seeds(study: Mapping[str, Any], at_epochs: int) -> pd.DataFrame:
+def decomposition_over_seeds(study: Mapping[str, Any], at_epochs: int, width: int | None = None) -> pd.DataFrame:
     """Each setting run on several seeds: its validation-selected test change with the seeds' test images pooled (paired
     95% score interval, clean and robust), and the seeds' mean clean change with its t interval over seeds (none where
     the seeds agree exactly)."""
     rows = []
-    for p in _block(study, at_epochs).get("over_seeds") or []:
+    for p in _block(study, at_epochs, width).get("over_seeds") or []:
         label = "riftlab default" if p["setting"] == "rift" else SETTING_LABELS[p["setting"]]
         row: dict[str, Any] = {"setting": label, "seeds": ", ".join(str(s) for s in p["seeds"])}
         for kind in ("clean", "robust"):
@@ -112,12 +131,12 @@ def decomposition_over_seeds(study: Mapping[str, Any], at_epochs: int) -> pd.Dat
     return pd.DataFrame(rows).set_index("setting") if rows else pd.DataFrame()
 
 
-def plot_decomposition(study: Mapping[str, Any], at_epochs: int, seed: int = 0):
+def plot_decomposition(study: Mapping[str, Any], at_epochs: int, seed: int = 0, width: int | None = None):
     """Each setting's validation interpolation curve against AT (alpha 0), clean and robust side by side, with the paired
     95% intervals as bands and the alpha the rule chose marked. Returns the figure."""
     import matplotlib.pyplot as plt
 
-    run = next(r for r in _runs(_block(study, at_epochs)) if r.get("seed", 0) == seed)
+    run = next(r for r in _runs(_block(study, at_epochs, width)) if r.get("seed", 0) == seed)
     settings = _settings(run)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
     for key in _ORDER:
@@ -138,7 +157,8 @@ def plot_decomposition(study: Mapping[str, Any], at_epochs: int, seed: int = 0):
         ax.axhline(0, color="grey", lw=1, ls=":")
         ax.set_xlabel("alpha (0: the AT model, 1: the fine-tuned model)")
         ax.set_ylabel(f"validation {kind} change (points)")
-    axes[0].set_title(f"{at_epochs}-epoch AT, seed {seed}: clean")
+    at_width = f"width {width}, " if width is not None else ""
+    axes[0].set_title(f"{at_width}{at_epochs}-epoch AT, seed {seed}: clean")
     axes[1].set_title("robust (PGD); circles: the alpha the rule chose")
     axes[0].legend(fontsize=8, loc="upper center", bbox_to_anchor=(1.1, -0.16), ncol=2)
     fig.tight_layout()
@@ -181,6 +201,25 @@ def _end_points_text(block: Mapping[str, Any]) -> str:
             f"{interval_text(ends['reference']['robust'])} robust"
             + (f", BatchNorm recalibration alone by {interval_text(ends['bn-only']['clean'])} and "
                f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
+
+
+def _protocol_text(block: Mapping[str, Any]) -> str:
+    """What the authors' protocol and its BatchNorm control give on one AT model, as the answer phrases it for the
+    models it does not lead with: their test changes, which clear the noise, and the fine-tuned end points; empty
+    where the authors' protocol did not run."""
+    if (ref := _change(block, "reference")) is None:
+        return ""
+    clean, robust, where = ref
+    parts = [("the authors' protocol, clean", clean), ("the authors' protocol, robust", robust)]
+    text = f"the authors' protocol gives {interval_text(clean)} clean and {interval_text(robust)} robust"
+    if (bn := _change(block, "bn-only")) is not None:
+        parts += [("BatchNorm alone, clean", bn[0]), ("BatchNorm alone, robust", bn[1])]
+        text += f", BatchNorm recalibration alone {interval_text(bn[0])} and {interval_text(bn[1])}"
+    clearing = _clearing(parts)
+    text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
+    if ends := _end_points_text(block):  # what the rule turned down there, which can dwarf the lead model's
+        text += f"; before interpolation, its fine-tuned model (alpha 1) {ends}"
+    return text
 
 
 def decomposition_answer(study: Mapping[str, Any]) -> str:
@@ -232,28 +271,24 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
             text += (f". Of the test changes with alpha chosen by the rule, these have 95% intervals that exclude 0: {', '.join(clear)}"
                      + ("" if gains else "; none is a gain"))
     for shorter in blocks[1:]:  # the other AT lengths, where the authors' protocol ran on them too
-        if (ref := _change(shorter, "reference")) is None:
-            continue
-        clean, robust, where = ref
-        parts = [("the authors' protocol, clean", clean), ("the authors' protocol, robust", robust)]
-        text += (f". After {shorter['at_epochs']} epochs of AT, the authors' protocol gives {interval_text(clean)} clean and "
-                 f"{interval_text(robust)} robust")
-        if (bn := _change(shorter, "bn-only")) is not None:
-            parts += [("BatchNorm alone, clean", bn[0]), ("BatchNorm alone, robust", bn[1])]
-            text += f", BatchNorm recalibration alone {interval_text(bn[0])} and {interval_text(bn[1])}"
-        clearing = _clearing(parts)
-        text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
-        if ends := _end_points_text(shorter):  # what the rule turned down there, which can dwarf the longer model's
-            text += f"; before interpolation, its fine-tuned model (alpha 1) {ends}"
+        if part := _protocol_text(shorter):
+            text += f". After {shorter['at_epochs']} epochs of AT, {part}"
+    for width in decomposition_widths(study)[1:]:  # the other widths, seed 0 unless more ran
+        regimes = decomposition_regimes(study, width)
+        parts = [f"after {b['at_epochs']} epochs of AT (train-validation robust gap "
+                 f"{regimes[regimes['AT epochs'] == b['at_epochs']]['gap'].mean():.1f}), {part}"
+                 for b in decomposition_blocks(study, width) if (part := _protocol_text(b))]
+        if parts:
+            text += f". At width {width}, " + "; ".join(parts)
     return text + "."
 
 
-def decomposition_selection_sentence(study: Mapping[str, Any], at_epochs: int) -> str:
+def decomposition_selection_sentence(study: Mapping[str, Any], at_epochs: int, width: int | None = None) -> str:
     """What choosing on the test images adds, setting by setting, written from the numbers: the clean gain the
     reference code's two choices on test would print, against what the same choices print when nothing changed (the
     sign-flip null's mean and 95th percentile) and the p-value of the printed gain under that null."""
     parts = []
-    for r in _runs(_block(study, at_epochs)):
+    for r in _runs(_block(study, at_epochs, width)):
         for s in r["settings"]:
             c = s.get("test_selected")
             if not c:
@@ -267,13 +302,13 @@ def decomposition_selection_sentence(study: Mapping[str, Any], at_epochs: int) -
             + "; ".join(parts) + ".")
 
 
-def decomposition_regime_sentence(study: Mapping[str, Any]) -> str:
+def decomposition_regime_sentence(study: Mapping[str, Any], width: int | None = None) -> str:
     """How the longer AT differs from the shorter one, in the seeds' means, written from the numbers: test clean and
     robust accuracy and the train-validation robust gap. Empty with one AT length."""
-    blocks = decomposition_blocks(study)
+    blocks = decomposition_blocks(study, width)
     if len(blocks) < 2:
         return ""
-    regimes = decomposition_regimes(study)
+    regimes = decomposition_regimes(study, width)
     mean = lambda e, c: float(regimes[regimes["AT epochs"] == e][c].mean())  # noqa: E731
     long, short = blocks[0]["at_epochs"], blocks[-1]["at_epochs"]
     seeds = lambda e: len(regimes[regimes["AT epochs"] == e])  # noqa: E731
@@ -281,3 +316,27 @@ def decomposition_regime_sentence(study: Mapping[str, Any]) -> str:
              (("test clean", "test clean"), ("test robust", "test robust"), ("the train-validation robust gap", "gap"))]
     return (f"In the seeds' means ({seeds(long)} at {long} epochs, {seeds(short)} at {short}), {long} epochs of AT against {short}: "
             + "; ".join(parts) + ".")
+
+
+def decomposition_across_widths(study: Mapping[str, Any], seed: int = 0) -> pd.DataFrame:
+    """The decomposition at every width and AT length, one seed (default 0, the seed every configuration ran): the AT
+    model's train-validation robust gap, the authors' protocol's test change (alpha chosen on validation, paired 95%
+    intervals), BatchNorm recalibration alone's robust change, and the authors' fine-tuned model (alpha 1) on
+    validation robust: the rows a reader compares to see whether width moves any of it. "-" where a setting has not
+    run."""
+    rows = []
+    for width in decomposition_widths(study):
+        for block in decomposition_blocks(study, width):
+            run = next((r for r in _runs(block) if r.get("seed", 0) == seed), None)
+            if run is None:
+                continue
+            settings = _settings(run)
+            ref, bn = settings.get("reference"), settings.get("bn-only")
+            show = lambda s, kind: interval_text(s["validation_selected"][kind]) if s else "-"  # noqa: E731
+            rows.append({"width": width, "AT epochs": block["at_epochs"], "gap": run["regime"]["gap"],
+                         "authors' protocol: clean": show(ref, "clean"), "authors' protocol: robust": show(ref, "robust"),
+                         "BatchNorm alone: robust": show(bn, "robust"),
+                         "authors' alpha 1: val robust": interval_text(ref["end_point"]["robust"]) if ref and ref.get("end_point") else "-"})
+    columns = ["width", "AT epochs", "gap", "authors' protocol: clean", "authors' protocol: robust", "BatchNorm alone: robust",
+               "authors' alpha 1: val robust"]
+    return pd.DataFrame(rows, columns=columns).set_index(["width", "AT epochs"])
