@@ -529,12 +529,18 @@ def status(root: Path, big: bool, gpu: bool = False, decomposition: tuple[int, .
     if pick is not None:
         jobs += phase2(root, pick)
         print(f"headline: w{pick['width']} n{pick['train']} ({pick['setting']} / {pick['variant']}): {pick['rule']}")
+    def state(job: Job) -> str:
+        if job.done_file.is_file():
+            return "done"
+        if _alive(_pid_file(root, job)):
+            return "running"
+        return "started" if job.name in ledger else "waiting"  # started: it ran, and stopped before the end
+
     for job in jobs:
-        state = "done" if job.done_file.is_file() else ("started" if job.name in ledger else "waiting")
         wall = ledger.get(job.name, {}).get("wall_s_total")
-        print(f"{job.name:28s} {state:8s} {'' if wall is None else f'{wall / 60:6.1f} min'}")
+        print(f"{job.name:28s} {state(job):8s} {'' if wall is None else f'{wall / 60:6.1f} min'}")
     for job in extra:
-        print(f"{job.name:28s} {'done' if job.done_file.is_file() else 'waiting':8s} (extra)")
+        print(f"{job.name:28s} {state(job):8s} (extra)")
 
 
 # ----------------------------------------------------------------------------------------------

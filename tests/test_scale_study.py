@@ -444,3 +444,22 @@ def test_only_runs_the_named_jobs_in_the_order_given(tmp_path):
     chosen = script.selected(plan, only)
     assert [j.name for j in chosen] == only
     assert chosen[0].deps == ["w8-n10k-e40-s1"]
+
+
+def test_status_names_a_job_whose_process_runs(tmp_path, capsys):
+    """`status` says running for a job whose pid file names a live riftlab process (one a runner started, even a
+    stopped runner), waiting for one not started, and started for one that ran and stopped before the end."""
+    script = _script_module()
+    (tmp_path / "logs").mkdir()
+    job = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "riftlab"])
+    try:
+        (tmp_path / "logs" / "w8-n10k-s0.pid").write_text(str(job.pid))
+        script._write_json(tmp_path / "jobs.json", {"w4-n10k-s0": {"wall_s_total": 60.0}})
+        script.status(tmp_path, big=False)
+        lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+        assert (lines["w8-n10k-s0"], lines["w4-n10k-s0"], lines["w8-n5k-s0"]) == ("running", "started", "waiting")
+    finally:
+        job.kill()
+        job.wait()
+    script.status(tmp_path, big=False)  # the process ended without its done file: not running any more
+    assert "w8-n10k-s0                   waiting" in capsys.readouterr().out
