@@ -156,3 +156,7 @@ def test_a_second_width_is_read_only_when_named_and_joins_the_answer_and_the_wid
     assert "(seed 0, 10000 test images); excluding 0: the authors' protocol, robust (a loss); before interpolation" in tail
     assert "after 10 epochs" not in tail  # RiFT alone there: nothing of the authors' protocol to report
     assert answer[:answer.index(" At width 16")] == book.decomposition_answer(_study((12, 10)))  # the lead's text unchanged
+    # 6 intervals for the lead (protocol, BatchNorm alone, the paper's module), 4 at width 16: one excludes 0, 0.5 by chance
+    assert answer.endswith(". In all, 1 of the 10 test-change intervals above excludes 0; were there no effect anywhere, "
+                           "about 0.5 would by chance.")
+    assert "In all" not in book.decomposition_answer(_study((12, 10)))  # six intervals: no tally

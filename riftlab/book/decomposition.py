@@ -203,12 +203,12 @@ def _end_points_text(block: Mapping[str, Any]) -> str:
                f"{interval_text(ends['bn-only']['robust'])}" if "bn-only" in ends else "") + " (seed 0)")
 
 
-def _protocol_text(block: Mapping[str, Any]) -> str:
+def _protocol_text(block: Mapping[str, Any]) -> tuple[str, list[tuple[str, Mapping[str, Any]]]]:
     """What the authors' protocol and its BatchNorm control give on one AT model, as the answer phrases it for the
-    models it does not lead with: their test changes, which clear the noise, and the fine-tuned end points; empty
-    where the authors' protocol did not run."""
+    models it does not lead with: their test changes, which clear the noise, and the fine-tuned end points; and the
+    changes it named. Empty where the authors' protocol did not run."""
     if (ref := _change(block, "reference")) is None:
-        return ""
+        return "", []
     clean, robust, where = ref
     parts = [("the authors' protocol, clean", clean), ("the authors' protocol, robust", robust)]
     text = f"the authors' protocol gives {interval_text(clean)} clean and {interval_text(robust)} robust"
@@ -219,7 +219,7 @@ def _protocol_text(block: Mapping[str, Any]) -> str:
     text += f" ({where}); " + (f"excluding 0: {', '.join(clearing)}" if clearing else "every interval includes 0")
     if ends := _end_points_text(block):  # what the rule turned down there, which can dwarf the lead model's
         text += f"; before interpolation, its fine-tuned model (alpha 1) {ends}"
-    return text
+    return text, parts
 
 
 def decomposition_answer(study: Mapping[str, Any]) -> str:
@@ -271,15 +271,25 @@ def decomposition_answer(study: Mapping[str, Any]) -> str:
             text += (f". Of the test changes with alpha chosen by the rule, these have 95% intervals that exclude 0: {', '.join(clear)}"
                      + ("" if gains else "; none is a gain"))
     for shorter in blocks[1:]:  # the other AT lengths, where the authors' protocol ran on them too
-        if part := _protocol_text(shorter):
+        part, parts = _protocol_text(shorter)
+        if part:
             text += f". After {shorter['at_epochs']} epochs of AT, {part}"
+            named += parts
     for width in decomposition_widths(study)[1:]:  # the other widths, seed 0 unless more ran
         regimes = decomposition_regimes(study, width)
-        parts = [f"after {b['at_epochs']} epochs of AT (train-validation robust gap "
-                 f"{regimes[regimes['AT epochs'] == b['at_epochs']]['gap'].mean():.1f}), {part}"
-                 for b in decomposition_blocks(study, width) if (part := _protocol_text(b))]
-        if parts:
-            text += f". At width {width}, " + "; ".join(parts)
+        said = []
+        for b in decomposition_blocks(study, width):
+            part, parts = _protocol_text(b)
+            if part:
+                said.append(f"after {b['at_epochs']} epochs of AT (train-validation robust gap "
+                            f"{regimes[regimes['AT epochs'] == b['at_epochs']]['gap'].mean():.1f}), {part}")
+                named += parts
+        if said:
+            text += f". At width {width}, " + "; ".join(said)
+    if len(named) >= 10:  # many intervals: some exclude 0 by chance alone, and the reader should know how many
+        k = len(_clearing(named))
+        text += (f". In all, {k} of the {len(named)} test-change intervals above {'excludes' if k == 1 else 'exclude'} 0; were "
+                 f"there no effect anywhere, about {0.05 * len(named):.1f} would by chance")
     return text + "."
 
 
