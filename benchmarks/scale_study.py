@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -626,7 +627,7 @@ def _carry(name: str, fresh: dict[str, Any] | None, carried: dict[str, list[dict
     records = carried.get(name, [])  # a run can be both in the trend and among the headline's seeds: all must agree
     for other in [*records[1:], *([fresh] if fresh is not None else [])]:
         for key in _SAME:
-            if records and same(key, other[key]) != same(key, records[0][key]):
+            if records and not _agree(same(key, other[key]), same(key, records[0][key])):
                 what = "does not reproduce" if other is fresh else "has two disagreeing records of"
                 raise SystemExit(f"--carry: run {name} {what} the carried summary's {key!r} "
                                  f"(carried: {json.dumps(records[0][key])[:200]}; other: {json.dumps(other[key])[:200]}); "
@@ -641,6 +642,19 @@ def _carry(name: str, fresh: dict[str, Any] | None, carried: dict[str, list[dict
             "variants": [row for row in old["variants"] if row["setting"] not in settings] + fresh["variants"],
             "commands": {**old["commands"], **fresh["commands"]}, "wall_s": {**old["wall_s"], **fresh["wall_s"]},
             "reproduces": source}
+
+
+def _agree(a: Any, b: Any) -> bool:
+    """Whether two summaries hold the same results: equal, except that floats may differ in their last bits (an
+    accuracy computed as 83.54 by one version of the statistics and as acc_a + 100 * (gained - lost) / n, 83.53999999999999,
+    by another is the same result; 83.55 is not)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_agree(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_agree(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+    return a == b
 
 
 def _sessions(carried: list[dict[str, Any]], here: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -463,3 +463,15 @@ def test_status_names_a_job_whose_process_runs(tmp_path, capsys):
         job.wait()
     script.status(tmp_path, big=False)  # the process ended without its done file: not running any more
     assert "w8-n10k-s0                   waiting" in capsys.readouterr().out
+
+
+def test_a_carried_run_agrees_when_only_the_last_bits_of_a_float_differ():
+    """`summarize --carry` refuses a rerun that does not reproduce the committed numbers, but not one whose accuracy is
+    the same number written as acc_a + 100 * (gained - lost) / n (83.53999999999999 for 83.54)."""
+    script = _script_module()
+    record = {"clean": {"acc_b": 83.54, "gained": 11, "lost": 12}, "alphas": [0.0, 0.6], "module": "layer1.0.conv1"}
+    assert script._agree(record, {**record, "clean": {**record["clean"], "acc_b": 83.55 - 0.01}})
+    assert not script._agree(record, {**record, "clean": {**record["clean"], "acc_b": 83.55}})
+    assert not script._agree(record, {**record, "clean": {**record["clean"], "lost": 13}})
+    assert not script._agree(record, {**record, "alphas": [0.0, 0.6, 1.0]}) and not script._agree(record, {**record, "module": "fc"})
+    assert not script._agree({"a": 1.0}, {"a": "1.0"}) and not script._agree({"a": 1.0}, {"a": 1.0, "b": 2})
