@@ -116,6 +116,13 @@ def test_the_readme_gives_the_committed_decomposition_numbers():
         assert f"seeds {', '.join(str(s) for s in seeds[:-1])} and {seeds[-1]} pooled ({pooled['clean']['pooled']['n']} paired test" in readme
         for kind in ("clean", "robust"):
             assert book.interval_text(pooled[kind]["pooled"]) in readme, (setting, kind)
+    for width in book.decomposition_widths(study)[1:]:  # each wider configuration's seed 0, at its longest AT
+        run = book.decomposition_blocks(study, width)[0]["runs"][0]
+        settings = {s["setting"]: s for s in run["settings"]}
+        assert f"width {width}" in readme
+        for setting in ("reference", "bn-only"):
+            for kind in ("clean", "robust"):
+                assert book.interval_text(settings[setting]["validation_selected"][kind]) in readme, (width, setting, kind)
 
 
 def _with_width_16(study: dict) -> dict:
