@@ -126,6 +126,12 @@ def decomposition_configurations() -> list[tuple[int, int]]:
     return list(dict.fromkeys([MIDDLE, *DECOMPOSITION_WIDER, *GPU_DECOMPOSITION]))
 
 
+def decomposition_models(lengths: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(width, training images, AT epochs) of every AT model the decomposition may have run, in the order study.json
+    keeps its blocks: configuration by configuration (:func:`decomposition_configurations`), then ``lengths``."""
+    return [(width, train, length) for width, train in decomposition_configurations() for length in lengths]
+
+
 # --smoke: the same jobs on tiny sizes (a minute or two), to check the script itself; tests/test_scale_study.py runs it.
 SMOKE: dict[str, list[str]] = {}
 _SMOKE = {
@@ -798,7 +804,7 @@ def _decomposition_summary(root: Path, lengths: tuple[int, ...], ledger: dict[st
     from riftlab.evaluation.stats import over_seeds
 
     out = []
-    for (width, train), length in ((c, e) for c in decomposition_configurations() for e in lengths):
+    for width, train, length in decomposition_models(lengths):
         runs = []
         for seed in seeds:
             name = run_name(width, train, seed, length)
@@ -891,7 +897,7 @@ def export_decomposition(root: Path, dest: Path, lengths: tuple[int, ...], seeds
     sessions = entries.setdefault("_sessions", [])
     sessions += [s for s in ledger.get("_sessions", []) if s not in sessions]
     copied = []
-    for (width, train), length in ((c, e) for c in decomposition_configurations() for e in lengths):
+    for width, train, length in decomposition_models(lengths):
         for seed in seeds:
             name = run_name(width, train, seed, length)
             run = root / name
